@@ -1,0 +1,482 @@
+"""The one wire protocol of the platform: sockets, envelope and msgpack codec (tensors included).
+
+Every daemon (master, agent, worker) and every client (front process, CLI tools) speaks through
+this module; nothing else in the tree packs or unpacks a message.
+
+Wire layout of one message, frame by frame (a ROUTER socket sees the peer identity first):
+
+    frame 0   MAGIC                 b"MOAI" + protocol version byte; checked on every message
+    frame 1   header                msgpack map {"type": str, "id": int, "token": str|None,
+                                                 "body": any}
+    frame 2.. buffers               raw bytes of tensors / numpy arrays referenced from the body
+
+Inside ``body`` a tensor or array is a msgpack ext value (``EXT_TENSOR`` / ``EXT_NDARRAY``) whose
+payload is ``[dtype, shape, frame_index]``: the bytes travel as their own frame, sent with
+``copy=False`` and received without a copy (``torch.frombuffer`` over the zmq frame).
+Other ext values carry torch scalars types that appear in op arguments (dtype, device, layout,
+memory format, complex numbers, tuples) and ``RemoteRef`` (a handle to a tensor living on a worker).
+
+Replies reuse the request's ``id`` and have ``type`` ``"ok"`` or ``"error"``; an error body is
+``{"code": str, "message": str}``. Malformed input never raises out of a server loop: it is
+answered with an error (when the peer can be addressed) and the loop goes on.
+Never pickle: nothing received is ever executed.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import zmq
+
+try:  # the control-plane daemons and CLI tools run without torch installed
+    import torch
+except ImportError:  # pragma: no cover - exercised only in torch-less installs
+    torch = None
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAGIC = b"MOAI" + bytes([PROTOCOL_VERSION])
+
+# Control messages are small; a header over this is refused with an error reply.
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+# Hard per-message cap enforced by libzmq itself (the peer is disconnected past it): protects a
+# daemon's memory from a hostile sender. Data-plane sockets raise it to fit whole tensors.
+CONTROL_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DATA_MAX_MESSAGE_BYTES = 16 * 1024 * 1024 * 1024
+
+DEFAULT_TIMEOUT_S = 10.0
+SERVER_POLL_INTERVAL_S = 0.1
+
+EXT_TENSOR = 1
+EXT_NDARRAY = 2
+EXT_DTYPE = 3
+EXT_DEVICE = 4
+EXT_LAYOUT = 5
+EXT_MEMORY_FORMAT = 6
+EXT_COMPLEX = 7
+EXT_TUPLE = 8
+EXT_REMOTE_REF = 9
+
+
+class WireError(Exception):
+    """Base class of every transport / protocol failure."""
+
+
+class ProtocolError(WireError):
+    """A message could not be decoded (bad magic, version, header or buffer reference).
+
+    Not retryable as is: the sender must be fixed or upgraded to this protocol version.
+    """
+
+
+class TransportTimeout(WireError):
+    """No reply arrived in time. The peer may be down or busy: retry, or reconnect if it persists."""
+
+
+class RemoteError(WireError):
+    """The peer answered with a structured error. ``code`` is machine-readable, the message is not."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RemoteRef:
+    """A handle naming a tensor held by a worker (its id in the worker's tensor table)."""
+
+    id: int
+
+
+# ----------------------------------------------------------------------------------------------
+# codec
+# ----------------------------------------------------------------------------------------------
+
+def _torch_dtype_names() -> dict:
+    if torch is None:
+        return {}
+    return {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+
+
+_DTYPES = _torch_dtype_names()
+_LAYOUTS = {str(v): v for v in vars(torch).values() if torch and isinstance(v, torch.layout)} if torch else {}
+_MEMORY_FORMATS = (
+    {str(v): v for v in vars(torch).values() if isinstance(v, torch.memory_format)} if torch else {}
+)
+
+
+def _tensor_bytes(t) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    # A uint8 view reinterprets any dtype (bfloat16, float8, bool) without numpy support for it.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _Packer:
+    """Packs one body, collecting out-of-band buffers into ``self.buffers``."""
+
+    def __init__(self):
+        self.buffers: list = []
+
+    def _buffer(self, data) -> int:
+        self.buffers.append(data)
+        return len(self.buffers) + 1  # frame index: after magic and header
+
+    def default(self, obj):
+        if torch is not None:
+            if isinstance(obj, torch.Tensor):
+                if obj.is_complex():
+                    idx = self._buffer(_tensor_bytes(torch.view_as_real(obj.resolve_conj())))
+                else:
+                    idx = self._buffer(_tensor_bytes(obj))
+                payload = [str(obj.dtype).removeprefix("torch."), list(obj.shape), idx]
+                return msgpack.ExtType(EXT_TENSOR, msgpack.packb(payload))
+            if isinstance(obj, torch.dtype):
+                return msgpack.ExtType(EXT_DTYPE, str(obj).removeprefix("torch.").encode())
+            if isinstance(obj, torch.device):
+                return msgpack.ExtType(EXT_DEVICE, str(obj).encode())
+            if isinstance(obj, torch.layout):
+                return msgpack.ExtType(EXT_LAYOUT, str(obj).encode())
+            if isinstance(obj, torch.memory_format):
+                return msgpack.ExtType(EXT_MEMORY_FORMAT, str(obj).encode())
+        if isinstance(obj, np.ndarray):
+            arr = np.ascontiguousarray(obj)
+            idx = self._buffer(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+            return msgpack.ExtType(EXT_NDARRAY, msgpack.packb([arr.dtype.str, list(arr.shape), idx]))
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, complex):
+            return msgpack.ExtType(EXT_COMPLEX, msgpack.packb([obj.real, obj.imag]))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(EXT_TUPLE, self.pack(list(obj)))
+        if isinstance(obj, RemoteRef):
+            return msgpack.ExtType(EXT_REMOTE_REF, msgpack.packb(obj.id))
+        raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+    def pack(self, obj) -> bytes:
+        return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True)
+
+
+class _Unpacker:
+    def __init__(self, frames: list):
+        self.frames = frames
+
+    def _frame(self, idx) -> memoryview:
+        if not isinstance(idx, int) or not 2 <= idx < len(self.frames):
+            raise ProtocolError(f"buffer reference {idx!r} points at no frame")
+        f = self.frames[idx]
+        return f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
+
+    def ext_hook(self, code, data):
+        try:
+            if code == EXT_TENSOR:
+                dtype_name, shape, idx = msgpack.unpackb(data)
+                return _decode_tensor(dtype_name, shape, self._frame(idx))
+            if code == EXT_NDARRAY:
+                dtype, shape, idx = msgpack.unpackb(data)
+                buf = self._frame(idx)
+                return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+            if code == EXT_DTYPE:
+                return _DTYPES[data.decode()]
+            if code == EXT_DEVICE:
+                return torch.device(data.decode())
+            if code == EXT_LAYOUT:
+                return _LAYOUTS[data.decode()]
+            if code == EXT_MEMORY_FORMAT:
+                return _MEMORY_FORMATS[data.decode()]
+            if code == EXT_COMPLEX:
+                re, im = msgpack.unpackb(data)
+                return complex(re, im)
+            if code == EXT_TUPLE:
+                return tuple(self.unpack(data))
+            if code == EXT_REMOTE_REF:
+                ref = msgpack.unpackb(data)
+                if not isinstance(ref, int):
+                    raise ProtocolError("remote reference is not an integer")
+                return RemoteRef(ref)
+        except ProtocolError:
+            raise
+        except Exception as e:
+            raise ProtocolError(f"bad ext value (code {code}): {e}") from None
+        raise ProtocolError(f"unknown ext code {code}")
+
+    def unpack(self, data) -> Any:
+        return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=False)
+
+
+def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
+    if torch is None:
+        raise ProtocolError("tensor received by a process without torch")
+    dtype = _DTYPES.get(dtype_name)
+    if dtype is None:
+        raise ProtocolError(f"unknown dtype {dtype_name!r}")
+    complex_dtype = dtype.is_complex
+    base = torch.empty((), dtype=dtype)
+    elem = base.element_size()
+    numel = 1
+    for s in shape:
+        if not isinstance(s, int) or s < 0:
+            raise ProtocolError(f"bad tensor shape {shape!r}")
+        numel *= s
+    if numel * elem != len(buf):
+        raise ProtocolError(f"tensor of shape {shape} {dtype_name} needs {numel * elem} bytes, got {len(buf)}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    if complex_dtype:
+        real_dtype = torch.empty((), dtype=dtype).real.dtype
+        return torch.view_as_complex(raw.view(real_dtype).reshape(*shape, 2))
+    return raw.view(dtype).reshape(shape)
+
+
+def encode(msg_type: str, body: Any = None, *, msg_id: int = 0, token: str | None = None) -> list:
+    """Frames for one message (without routing identity)."""
+    packer = _Packer()
+    header = packer.pack({"type": msg_type, "id": msg_id, "token": token, "body": body})
+    return [MAGIC, header, *packer.buffers]
+
+
+@dataclass
+class Message:
+    type: str
+    id: int
+    token: str | None
+    body: Any
+
+
+def decode(frames: list) -> Message:
+    """Decode frames produced by :func:`encode`; raises ProtocolError on anything malformed."""
+    if len(frames) < 2:
+        raise ProtocolError("message has fewer than 2 frames")
+    magic = frames[0].bytes if isinstance(frames[0], zmq.Frame) else bytes(frames[0])
+    if magic[:4] != MAGIC[:4] or len(magic) != len(MAGIC):
+        raise ProtocolError("not a MOAI message (bad magic frame)")
+    if magic != MAGIC:
+        raise ProtocolError(f"protocol version {magic[4]} is not supported (this side speaks {PROTOCOL_VERSION})")
+    header_frame = frames[1]
+    header_len = len(header_frame.buffer if isinstance(header_frame, zmq.Frame) else header_frame)
+    if header_len > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    raw = header_frame.bytes if isinstance(header_frame, zmq.Frame) else bytes(header_frame)
+    try:
+        header = _Unpacker(frames).unpack(raw)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"undecodable header: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise ProtocolError("header is not a map with a string 'type'")
+    msg_id = header.get("id", 0)
+    token = header.get("token")
+    if not isinstance(msg_id, int) or not (token is None or isinstance(token, str)):
+        raise ProtocolError("header 'id' must be an int and 'token' a string or nil")
+    return Message(header["type"], msg_id, token, header.get("body"))
+
+
+# ----------------------------------------------------------------------------------------------
+# server
+# ----------------------------------------------------------------------------------------------
+
+Handler = Callable[[Message], Any]
+NO_REPLY = object()  # a handler returning this sends nothing (fire-and-forget messages)
+
+
+class RequestError(Exception):
+    """Raised by a handler to answer with a structured error instead of a crash report."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Server:
+    """A ROUTER socket serving a dict of handlers, one message at a time.
+
+    ``handlers`` maps a message type to ``fn(Message) -> body``. A handler may raise
+    ``RequestError`` for a clean refusal; any other exception becomes an ``internal`` error reply
+    (logged with its traceback) and the loop keeps serving. ``tick`` runs between messages at
+    least every ``tick_interval_s`` for timers (heartbeat checks, scheduling).
+    """
+
+    def __init__(self, bind: str, handlers: dict[str, Handler], *, name: str,
+                 max_message_bytes: int = CONTROL_MAX_MESSAGE_BYTES,
+                 tick: Callable[[], None] | None = None, tick_interval_s: float = 0.5,
+                 context: zmq.Context | None = None):
+        self.name = name
+        self.handlers = handlers
+        self.tick = tick
+        self.tick_interval_s = tick_interval_s
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.address = bind_socket(self.sock, bind)
+        self._stop = threading.Event()
+        self.current_peer: bytes | None = None
+
+    def stop(self):
+        self._stop.set()
+
+    def install_signal_handlers(self):
+        """SIGTERM/SIGINT end the loop after the message in hand (supervisord sends SIGTERM)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def reply(self, peer: bytes, msg_type: str, body: Any, msg_id: int):
+        try:
+            self.sock.send_multipart([peer, *encode(msg_type, body, msg_id=msg_id)], copy=False)
+        except zmq.ZMQError as e:  # the peer left; nothing to tell it
+            log.debug("%s: reply to a gone peer dropped: %s", self.name, e)
+
+    def handle(self, peer: bytes, frames: list):
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            log.warning("%s: malformed message: %s", self.name, e)
+            self.reply(peer, "error", {"code": "malformed", "message": str(e)}, 0)
+            return
+        handler = self.handlers.get(msg.type)
+        if handler is None:
+            self.reply(peer, "error", {"code": "unknown_type",
+                                       "message": f"{self.name} has no request type {msg.type!r}"}, msg.id)
+            return
+        self.current_peer = peer
+        try:
+            result = handler(msg)
+        except RequestError as e:
+            self.reply(peer, "error", {"code": e.code, "message": e.message}, msg.id)
+            return
+        except Exception as e:  # a handler bug must not take the daemon down
+            log.exception("%s: handler %s failed", self.name, msg.type)
+            self.reply(peer, "error", {"code": "internal", "message": f"{type(e).__name__}: {e}"}, msg.id)
+            return
+        finally:
+            self.current_peer = None
+        if result is not NO_REPLY:
+            self.reply(peer, "ok", result, msg.id)
+
+    def serve_once(self, timeout_s: float) -> bool:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return False
+        frames = self.sock.recv_multipart(copy=False)
+        if len(frames) < 2:
+            return True
+        self.handle(frames[0].bytes, frames[1:])
+        return True
+
+    def serve_forever(self):
+        next_tick = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if self.tick and now >= next_tick:
+                    try:
+                        self.tick()
+                    except Exception:
+                        log.exception("%s: tick failed", self.name)
+                    next_tick = now + self.tick_interval_s
+                self.serve_once(min(SERVER_POLL_INTERVAL_S, max(0.0, next_tick - time.monotonic())))
+        finally:
+            self.sock.close(linger=0)
+
+
+def bind_socket(sock: zmq.Socket, bind: str) -> str:
+    """Bind to ``bind``; a port of 0 or ``*`` takes a random free port. Returns the bound address."""
+    if bind.startswith("tcp://") and (bind.endswith(":0") or bind.endswith(":*")):
+        host = bind[len("tcp://"):].rsplit(":", 1)[0]
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
+    sock.bind(bind)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+# ----------------------------------------------------------------------------------------------
+# client
+# ----------------------------------------------------------------------------------------------
+
+class Client:
+    """A DEALER connection to one server, with replies matched to requests by id.
+
+    ``send`` is fire-and-forget (the data plane streams op batches this way); ``call`` waits for
+    the matching reply and drops late replies of earlier timed-out calls. Calls are serialized by a
+    lock, so a thread that must not wait behind another (a heartbeat) uses its own Client.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, address: str, token: str | None = None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_message_bytes: int = CONTROL_MAX_MESSAGE_BYTES,
+                 context: zmq.Context | None = None):
+        self.address = address
+        self.token = token
+        self.timeout_s = timeout_s
+        self.ctx = context or zmq.Context.instance()
+        self._lock = threading.RLock()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.sock.connect(address)
+        self._pending: dict[int, Message] = {}
+        self._abandoned: set[int] = set()
+
+    def close(self):
+        with self._lock:
+            self.sock.close(linger=0)
+
+    def send(self, msg_type: str, body: Any = None) -> int:
+        msg_id = next(self._ids)
+        with self._lock:
+            self.sock.send_multipart(encode(msg_type, body, msg_id=msg_id, token=self.token), copy=False)
+        return msg_id
+
+    def wait(self, msg_id: int, timeout_s: float | None = None) -> Any:
+        """Wait for the reply to request ``msg_id``; returns its body or raises RemoteError."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        with self._lock:
+            while msg_id not in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(int(left * 1000)):
+                    self._abandoned.add(msg_id)
+                    raise TransportTimeout(f"no reply from {self.address} within "
+                                           f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s")
+                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    reply = decode(frames)
+                except ProtocolError as e:
+                    log.warning("undecodable reply from %s: %s", self.address, e)
+                    continue
+                if reply.id in self._abandoned:  # a late answer to a call that already timed out
+                    self._abandoned.discard(reply.id)
+                    continue
+                self._pending[reply.id] = reply
+            reply = self._pending.pop(msg_id)
+        if reply.type == "error":
+            body = reply.body if isinstance(reply.body, dict) else {}
+            raise RemoteError(str(body.get("code", "error")), str(body.get("message", reply.body)))
+        return reply.body
+
+    def call(self, msg_type: str, body: Any = None, timeout_s: float | None = None) -> Any:
+        return self.wait(self.send(msg_type, body), timeout_s)
+
+
+def setup_logging(name: str):
+    """Daemons log to stderr, one line per record, for supervisord to capture."""
+    logging.basicConfig(level=os.environ.get("MOAI_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
