@@ -5,9 +5,10 @@ this module; nothing else in the tree packs or unpacks a message.
 
 Wire layout of one message, frame by frame (a ROUTER socket sees the peer identity first):
 
-    frame 0   MAGIC                 b"MOAI" + protocol version byte; checked on every message
-    frame 1   header                msgpack map {"type": str, "id": int, "token": str|None,
-                                                 "body": any}
+    frame 0   MAGIC + request id    b"MOAI" + protocol version byte + 8-byte big-endian id; the
+                                    id sits outside the header so that even a reply refusing an
+                                    undecodable header reaches the request that caused it
+    frame 1   header                msgpack map {"type": str, "token": str|None, "body": any}
     frame 2.. buffers               raw bytes of tensors / numpy arrays referenced from the body
 
 Inside ``body`` a tensor or array is a msgpack ext value (``EXT_TENSOR`` / ``EXT_NDARRAY``) whose
@@ -29,6 +30,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -236,7 +238,10 @@ def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
         raise ProtocolError(f"tensor of shape {shape} {dtype_name} needs {numel * elem} bytes, got {len(buf)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        # The tensor aliases the received zmq frame, which nothing else reuses: writing is safe.
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(buf, dtype=torch.uint8)
     if complex_dtype:
         real_dtype = torch.empty((), dtype=dtype).real.dtype
         return torch.view_as_complex(raw.view(real_dtype).reshape(*shape, 2))
@@ -246,8 +251,14 @@ def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
 def encode(msg_type: str, body: Any = None, *, msg_id: int = 0, token: str | None = None) -> list:
     """Frames for one message (without routing identity)."""
     packer = _Packer()
-    header = packer.pack({"type": msg_type, "id": msg_id, "token": token, "body": body})
-    return [MAGIC, header, *packer.buffers]
+    header = packer.pack({"type": msg_type, "token": token, "body": body})
+    return [MAGIC + msg_id.to_bytes(8, "big"), header, *packer.buffers]
+
+
+def peek_id(frames: list) -> int:
+    """The request id of a message whose header may be undecodable (0 when even that is missing)."""
+    first = frames[0].bytes if isinstance(frames[0], zmq.Frame) else bytes(frames[0]) if frames else b""
+    return int.from_bytes(first[len(MAGIC):], "big") if len(first) == len(MAGIC) + 8 else 0
 
 
 @dataclass
@@ -262,11 +273,12 @@ def decode(frames: list) -> Message:
     """Decode frames produced by :func:`encode`; raises ProtocolError on anything malformed."""
     if len(frames) < 2:
         raise ProtocolError("message has fewer than 2 frames")
-    magic = frames[0].bytes if isinstance(frames[0], zmq.Frame) else bytes(frames[0])
-    if magic[:4] != MAGIC[:4] or len(magic) != len(MAGIC):
+    first = frames[0].bytes if isinstance(frames[0], zmq.Frame) else bytes(frames[0])
+    if first[:4] != MAGIC[:4] or len(first) != len(MAGIC) + 8:
         raise ProtocolError("not a MOAI message (bad magic frame)")
-    if magic != MAGIC:
-        raise ProtocolError(f"protocol version {magic[4]} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if first[:len(MAGIC)] != MAGIC:
+        raise ProtocolError(f"protocol version {first[4]} is not supported (this side speaks {PROTOCOL_VERSION})")
+    msg_id = int.from_bytes(first[len(MAGIC):], "big")
     header_frame = frames[1]
     header_len = len(header_frame.buffer if isinstance(header_frame, zmq.Frame) else header_frame)
     if header_len > MAX_HEADER_BYTES:
@@ -280,10 +292,9 @@ def decode(frames: list) -> Message:
         raise ProtocolError(f"undecodable header: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("header is not a map with a string 'type'")
-    msg_id = header.get("id", 0)
     token = header.get("token")
-    if not isinstance(msg_id, int) or not (token is None or isinstance(token, str)):
-        raise ProtocolError("header 'id' must be an int and 'token' a string or nil")
+    if not (token is None or isinstance(token, str)):
+        raise ProtocolError("header 'token' must be a string or nil")
     return Message(header["type"], msg_id, token, header.get("body"))
 
 
@@ -349,7 +360,7 @@ class Server:
             msg = decode(frames)
         except ProtocolError as e:
             log.warning("%s: malformed message: %s", self.name, e)
-            self.reply(peer, "error", {"code": "malformed", "message": str(e)}, 0)
+            self.reply(peer, "error", {"code": "malformed", "message": str(e)}, peek_id(frames))
             return
         handler = self.handlers.get(msg.type)
         if handler is None:

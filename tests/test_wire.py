@@ -1,0 +1,149 @@
+"""The wire protocol: codec round trips, malformed input, and a real ROUTER/DEALER pair on loopback."""
+import random
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from daemons import wire
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16,
+          torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+
+
+def roundtrip(body):
+    frames = [bytes(f) if isinstance(f, memoryview) else f for f in wire.encode("t", body, msg_id=7, token="k")]
+    return wire.decode(frames)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_roundtrip_every_dtype(dtype):
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(3, 5, generator=g) * 50).to(dtype)
+    msg = roundtrip({"x": t, "empty": torch.empty(0, 4, dtype=dtype)})
+    assert msg.id == 7 and msg.token == "k"
+    assert msg.body["x"].dtype == dtype and torch.equal(msg.body["x"], t)
+    assert msg.body["empty"].shape == (0, 4)
+
+
+def test_noncontiguous_and_scalar_tensors():
+    t = torch.arange(24.).reshape(4, 6).t()[1:, ::2]
+    s = torch.tensor(3.5)
+    msg = roundtrip([t, s])
+    assert torch.equal(msg.body[0], t) and msg.body[1].shape == () and msg.body[1].item() == 3.5
+
+
+def test_tensor_travels_out_of_band():
+    t = torch.ones(1000)
+    frames = wire.encode("t", {"x": t})
+    assert len(frames) == 3 and len(frames[2]) == 4000  # magic, header, one raw buffer
+    assert len(frames[1]) < 100
+
+
+def test_torch_scalar_types_and_refs():
+    body = [torch.float16, torch.device("cpu"), torch.strided, torch.channels_last, 1 + 2j,
+            (1, 2), wire.RemoteRef(42), np.arange(5, dtype=np.int16), None, 1.5, "s", b"b"]
+    out = roundtrip(body).body
+    assert out[:7] == body[:7]
+    assert isinstance(out[5], tuple)
+    assert np.array_equal(out[7], body[7]) and out[7].dtype == np.int16
+    assert out[8:] == body[8:]
+
+
+def test_unencodable_object_is_a_clear_error():
+    with pytest.raises(TypeError, match="cannot encode object"):
+        wire.encode("t", {"x": object()})
+
+
+@pytest.mark.parametrize("frames, match", [
+    ([b"MOAI\x01"], "fewer than 2"),
+    ([b"HTTP/", b""], "bad magic"),
+    ([b"MOAI\x09" + bytes(8), msgpack.packb({"type": "x"})], "version 9"),
+    ([wire.MAGIC + bytes(8), b"\xc1\xc1"], "undecodable"),
+    ([wire.MAGIC + bytes(8), msgpack.packb([1, 2])], "not a map"),
+    ([wire.MAGIC + bytes(8), msgpack.packb({"type": "x", "token": 5})], "'token' must be a string"),
+    ([wire.MAGIC + bytes(8), msgpack.packb({"type": "x", "body": msgpack.ExtType(1, msgpack.packb(["float32", [4], 5]))})],
+     "points at no frame"),
+    ([wire.MAGIC + bytes(8), msgpack.packb({"type": "x", "body": msgpack.ExtType(1, msgpack.packb(["float32", [4], 2]))}), b"abc"],
+     "needs 16 bytes"),
+    ([wire.MAGIC + bytes(8), msgpack.packb({"type": "x", "body": msgpack.ExtType(1, msgpack.packb(["nope", [1], 2]))}), b"abcd"],
+     "unknown dtype"),
+    ([wire.MAGIC + bytes(8), msgpack.packb({"type": "x", "body": msgpack.ExtType(99, b"")})], "unknown ext code"),
+])
+def test_malformed_messages_raise_protocol_error(frames, match):
+    with pytest.raises(wire.ProtocolError, match=match):
+        wire.decode(frames)
+
+
+@pytest.fixture
+def server():
+    calls = []
+
+    def echo(msg):
+        calls.append(msg)
+        return {"echo": msg.body}
+
+    def boom(msg):
+        raise RuntimeError("handler bug")
+
+    def refuse(msg):
+        raise wire.RequestError("nope", "refused politely")
+
+    srv = wire.Server("tcp://127.0.0.1:0", {"echo": echo, "boom": boom, "refuse": refuse,
+                                            "quiet": lambda m: wire.NO_REPLY}, name="test")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.stop()
+    thread.join(5)
+
+
+def test_request_reply_and_structured_errors(server):
+    c = wire.Client(server.address, token="tok", timeout_s=5)
+    t = torch.randn(64, 64)
+    assert torch.equal(c.call("echo", {"t": t})["echo"]["t"], t)
+    with pytest.raises(wire.RemoteError) as e:
+        c.call("boom")
+    assert e.value.code == "internal" and "handler bug" in e.value.message
+    with pytest.raises(wire.RemoteError, match="nope: refused politely"):
+        c.call("refuse")
+    with pytest.raises(wire.RemoteError, match="unknown_type"):
+        c.call("no_such_type")
+    with pytest.raises(wire.TransportTimeout):
+        c.call("quiet", timeout_s=0.2)
+    assert c.call("echo", 1) == {"echo": 1}  # the client is still usable after a timeout
+    c.close()
+
+
+def test_garbage_gets_an_error_reply_and_server_keeps_serving(server):
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(server.address)
+    rng = random.Random(1)
+    for _ in range(300):
+        n = rng.randint(1, 4)
+        raw.send_multipart([rng.randbytes(rng.randint(0, 64)) for _ in range(n)])
+    replies = 0
+    while raw.poll(2000):
+        frames = raw.recv_multipart()
+        msg = wire.decode(frames)
+        assert msg.type == "error" and msg.body["code"] == "malformed"
+        replies += 1
+        if replies == 300:
+            break
+    assert replies == 300
+    raw.close(0)
+    good = wire.Client(server.address, timeout_s=5)
+    assert good.call("echo", "still here") == {"echo": "still here"}
+    good.close()
+
+
+def test_oversized_header_is_refused(server):
+    c = wire.Client(server.address, timeout_s=5)
+    with pytest.raises(wire.RemoteError, match="exceeds"):
+        c.call("echo", "x" * (wire.MAX_HEADER_BYTES + 10))
+    assert c.call("echo", 2) == {"echo": 2}
+    c.close()
