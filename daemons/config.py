@@ -34,6 +34,7 @@ class Settings:
 
     # --- flavors ----------------------------------------------------------------------------------
     gpu_unit_gb: int = 64                           # memory of one flavor unit (one physical GPU)
+    default_flavor: str = "Small"                   # size of the device a new token starts with
 
     # --- back node --------------------------------------------------------------------------------
     node_name: str = field(default_factory=socket.gethostname)
@@ -52,6 +53,7 @@ class Settings:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 6.0                # a node/job silent this long is declared dead
     worker_start_timeout_s: float = 60.0
+    agent_call_timeout_s: float = 10.0              # master -> agent requests (launch/stop worker)
 
     def path(self, name: str) -> Path:
         """A path-valued setting with ``~`` expanded."""

@@ -1,0 +1,93 @@
+"""moai-admin: the operator's view of the cluster (needs the cluster secret).
+
+    moai-admin token create USER   create a user token (printed) with one default device
+    moai-admin nodes               back nodes, liveness, free GPUs and GPU telemetry
+    moai-admin jobs                every job of every user
+    moai-admin usage               GPU-seconds used per token
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from moreh_cli import common
+
+PIPED_WIDTH = 240
+
+
+def _when(ts) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def nodes_table(nodes: list[dict]) -> Table:
+    table = Table("Node", "Alive", "GPUs", "Free", "Last heartbeat", "Util %", "Temp C", "Agent")
+    for n in nodes:
+        gpus = [g for g in n["telemetry"] if isinstance(g, dict)]
+        utils = " ".join(str(g.get("util", "-")) for g in gpus) or "-"
+        temps = " ".join(str(g.get("temp_c", "-")) for g in gpus) or "-"
+        table.add_row(n["node"], "yes" if n["alive"] else "LOST", str(n["gpus"]), str(n["free"]),
+                      f"{n['last_seen_s']} s ago", utils, temps, n["agent_addr"])
+    return table
+
+
+def jobs_table(jobs: list[dict]) -> Table:
+    table = Table("Job", "User", "Device", "GPUs", "State", "Process", "Started", "Ended", "GPUs held", "Message")
+    for j in jobs:
+        table.add_row(str(j["job_id"]), j["user"], str(j["device_id"]), str(j["gpus"]), j["state"],
+                      f"{j['pid']} {j['process']} @{j['hostname']}", _when(j["started"]), _when(j["ended"]),
+                      " ".join(j["workers"]) or "-", j["message"])
+    return table
+
+
+def usage_table(tokens: list[dict]) -> Table:
+    table = Table("User", "Token", "Jobs", "GPU-seconds", "GPU-hours")
+    for t in tokens:
+        table.add_row(t["user"], t["token"], str(t["jobs"]), f"{t['gpu_seconds']:.1f}",
+                      f"{t['gpu_seconds'] / 3600:.3f}")
+    return table
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="moai-admin", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    sub = parser.add_subparsers(dest="command", required=True)
+    token = sub.add_parser("token", help="manage user tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token for USER and print it")
+    create.add_argument("user")
+    sub.add_parser("nodes", help="back nodes and their GPUs")
+    sub.add_parser("jobs", help="every job of every user")
+    sub.add_parser("usage", help="GPU-seconds per token")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    common.keep_torch_out()
+    args = parse_args(argv)
+    # Piped output (scripts, tests) gets wide rows instead of cells wrapped at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+
+    def body():
+        master = common.connect_admin()
+        try:
+            if args.command == "token":
+                print(master.call("create_token", {"user": args.user})["token"])
+            elif args.command == "nodes":
+                console.print(nodes_table(master.call("list_nodes")["nodes"]))
+            elif args.command == "jobs":
+                console.print(jobs_table(master.call("list_all_jobs")["jobs"]))
+            else:
+                console.print(usage_table(master.call("list_usage")["tokens"]))
+        finally:
+            master.close()
+
+    return common.run_tool("moai-admin", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""``torch.cuda`` and ``torch.accelerator`` of a CPU-only torch, answering for the virtual device.
+
+Inside a program on the platform there is exactly one CUDA device, ``cuda:0``: the virtual
+accelerator, named ``MoAI Accelerator <device size>`` with the device size's memory. Queries
+are answered by the job session (offload/session.py); seeds and synchronization travel in its op
+stream. Internals that only a program driving CUDA itself would call (``torch.cuda._lazy_init``,
+``cudart``, CUDA graphs ...) fail with the platform's clear error (offload/unsupported.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random as _random
+
+import torch
+import torch.accelerator
+import torch.cuda
+import torch.cuda.random
+
+from offload import cuda_streams, unsupported
+from offload.device_mapping import map_device
+
+DEVICE_NAME_PREFIX = "MoAI Accelerator"
+# Reported like an H100 (sm_90): libraries gate bf16 / flash paths on this.
+COMPUTE_CAPABILITY = (9, 0)
+MULTI_PROCESSOR_COUNT = 132
+
+_initial_seed: int | None = None
+
+
+def _session():
+    from offload import session
+    return session
+
+
+def _check_index(device) -> int:
+    """The index a device argument names: only cuda:0 exists (map_device refuses cuda:1 and up)."""
+    backend = torch._C._get_privateuse1_backend_name()
+    if device is None or (isinstance(device, torch.device) and device.type == backend):
+        return 0
+    mapped = map_device(device)
+    if not (isinstance(mapped, torch.device) and mapped.type == backend):
+        raise ValueError(f"Expected a cuda device, but got: {device}")
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProperties:
+    """What ``torch.cuda.get_device_properties`` returns, for the virtual device."""
+
+    name: str
+    total_memory: int
+    major: int = COMPUTE_CAPABILITY[0]
+    minor: int = COMPUTE_CAPABILITY[1]
+    multi_processor_count: int = MULTI_PROCESSOR_COUNT
+    is_integrated: bool = False
+    is_multi_gpu_board: bool = False
+    warp_size: int = 32
+
+    def __repr__(self):
+        return (f"_CudaDeviceProperties(name='{self.name}', major={self.major}, "
+                f"minor={self.minor}, total_memory={self.total_memory // (1 << 20)}MB, "
+                f"multi_processor_count={self.multi_processor_count})")
+
+
+# --- device identity -----------------------------------------------------------------------------
+def is_available() -> bool:
+    return True
+
+
+def device_count() -> int:
+    return 1
+
+
+def current_device() -> int:
+    return 0
+
+
+def set_device(device):
+    _check_index(device)
+
+
+class device(contextlib.ContextDecorator):
+    """``with torch.cuda.device(0):`` — the only device is already current."""
+
+    def __init__(self, device):
+        self.idx = _check_index(device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def device_of(obj):
+    return device(0)
+
+
+def get_device_name(device=None) -> str:
+    _check_index(device)
+    return f"{DEVICE_NAME_PREFIX} {_session().device_size_name()}"
+
+
+def get_device_properties(device=None) -> DeviceProperties:
+    _check_index(device)
+    return DeviceProperties(name=get_device_name(), total_memory=_session().total_memory())
+
+
+def get_device_capability(device=None) -> tuple[int, int]:
+    _check_index(device)
+    return COMPUTE_CAPABILITY
+
+
+def true(*args, **kwargs) -> bool:
+    return True
+
+
+def false(*args, **kwargs) -> bool:
+    return False
+
+
+# --- synchronization and memory ------------------------------------------------------------------
+def synchronize(device=None):
+    _check_index(device)
+    _session().synchronize()
+
+
+def memory_allocated(device=None) -> int:
+    _check_index(device)
+    return _session().memory_stats()["allocated"]
+
+
+def max_memory_allocated(device=None) -> int:
+    _check_index(device)
+    return _session().memory_stats()["peak"]
+
+
+def reset_peak_memory_stats(device=None):
+    _check_index(device)
+    _session().reset_peak()
+
+
+def empty_cache():
+    pass  # workers free a tensor as soon as its last front handle dies
+
+
+def mem_get_info(device=None) -> tuple[int, int]:
+    total = _session().total_memory()
+    return total - memory_allocated(device), total
+
+
+def memory_stats(device=None) -> dict:
+    stats = _session().memory_stats()
+    return {"allocated_bytes.all.current": stats["allocated"],
+            "allocated_bytes.all.peak": stats["peak"],
+            "reserved_bytes.all.current": stats["allocated"],
+            "reserved_bytes.all.peak": stats["peak"]}
+
+
+# --- random numbers ------------------------------------------------------------------------------
+def manual_seed(seed):
+    global _initial_seed
+    _initial_seed = int(seed)
+    _session().manual_seed(int(seed))
+
+
+def seed():
+    manual_seed(_random.randrange(1 << 63))
+
+
+def initial_seed() -> int:
+    # Like CUDA's default generator: the seed of torch.manual_seed / torch.cuda.manual_seed.
+    return torch.initial_seed() if _initial_seed is None else _initial_seed
+
+
+def get_rng_state(device="cuda") -> torch.Tensor:
+    _check_index(device)
+    return _session().get_rng_state()
+
+
+def set_rng_state(new_state: torch.Tensor, device="cuda"):
+    _check_index(device)
+    _session().set_rng_state(new_state)
+
+
+def get_rng_state_all() -> list[torch.Tensor]:
+    return [get_rng_state()]
+
+
+def set_rng_state_all(new_states):
+    set_rng_state(new_states[0])
+
+
+# --- torch.accelerator ---------------------------------------------------------------------------
+def current_accelerator(check_available: bool = False) -> torch.device:
+    return torch.device("cuda")
+
+
+def set_device_index(device):
+    _check_index(device)
+
+
+_FUNCTIONS = {
+    "is_available": is_available, "device_count": device_count, "current_device": current_device,
+    "set_device": set_device, "device": device, "device_of": device_of,
+    "get_device_name": get_device_name, "get_device_properties": get_device_properties,
+    "get_device_capability": get_device_capability, "synchronize": synchronize,
+    "is_initialized": true, "init": lambda: None, "is_bf16_supported": true,
+    "is_tf32_supported": true, "is_current_stream_capturing": false,
+    "memory_allocated": memory_allocated, "max_memory_allocated": max_memory_allocated,
+    "memory_reserved": memory_allocated, "max_memory_reserved": max_memory_allocated,
+    "reset_peak_memory_stats": reset_peak_memory_stats,
+    "reset_max_memory_allocated": reset_peak_memory_stats, "empty_cache": empty_cache,
+    "mem_get_info": mem_get_info, "memory_stats": memory_stats,
+}
+_RANDOM = {
+    "manual_seed": manual_seed, "manual_seed_all": manual_seed, "seed": seed, "seed_all": seed,
+    "initial_seed": initial_seed, "get_rng_state": get_rng_state, "set_rng_state": set_rng_state,
+    "get_rng_state_all": get_rng_state_all, "set_rng_state_all": set_rng_state_all,
+}
+_ACCELERATOR = {
+    "is_available": is_available, "current_accelerator": current_accelerator,
+    "device_count": device_count, "current_device_index": current_device,
+    "current_device_idx": current_device, "set_device_index": set_device_index,
+    "set_device_idx": set_device_index, "synchronize": synchronize,
+    "current_stream": cuda_streams.current_stream, "set_stream": cuda_streams.set_stream,
+    "memory_allocated": memory_allocated, "max_memory_allocated": max_memory_allocated,
+    "memory_reserved": memory_allocated, "max_memory_reserved": max_memory_allocated,
+    "reset_peak_memory_stats": reset_peak_memory_stats, "empty_cache": empty_cache,
+    "memory_stats": memory_stats, "get_memory_info": mem_get_info,
+    "get_device_capability": lambda device=None: {"supported_dtypes": [
+        torch.float32, torch.float16, torch.bfloat16, torch.float64]},
+}
+# Internals a program reaches only when it drives CUDA itself.
+_DIRECT_CUDA = ("_lazy_init", "cudart", "current_blas_handle", "current_solver_handle",
+                "caching_allocator_alloc", "caching_allocator_delete", "change_current_allocator",
+                "CUDAPluggableAllocator", "MemPool", "use_mem_pool", "can_device_access_peer",
+                "ipc_collect", "memory_snapshot", "list_gpu_processes")
+
+
+def install():
+    """Replace the CUDA/accelerator queries of this CPU-only torch (idempotent)."""
+    if torch.cuda.is_available is is_available:
+        return
+    for name, value in {**_FUNCTIONS, **_RANDOM, **cuda_streams.PATCHES}.items():
+        setattr(torch.cuda, name, value)
+    for name, value in _RANDOM.items():
+        setattr(torch.cuda.random, name, value)
+    for name in _DIRECT_CUDA:
+        setattr(torch.cuda, name, unsupported.refusing(f"torch.cuda.{name}"))
+    for name, value in _ACCELERATOR.items():
+        setattr(torch.accelerator, name, value)
+    torch.Tensor.record_stream = lambda self, stream: None
+    unsupported.install()
+

@@ -1,0 +1,139 @@
+"""``torch.cuda`` streams, events and graphs on the virtual device.
+
+The virtual device runs its op stream in order, so every stream is the one ordered stream:
+ordering between streams (``wait_stream``, ``wait_event``) holds trivially and a side stream only
+loses overlap, never correctness. Events time with the wall clock after a synchronize, which is
+what ``elapsed_time`` means to a user measuring a training step. What cannot be honoured (raw
+stream handles, external streams, IPC, CUDA graphs) raises ``NotImplementedError`` naming the API.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from offload.unsupported import not_supported, refusing
+
+
+def _synchronize():
+    from offload import cuda_facade
+    cuda_facade.synchronize()
+
+
+class Stream:
+    """Any ``torch.cuda.Stream``: all of them are the virtual device's single ordered stream."""
+
+    def __init__(self, device=None, priority: int = 0, **kwargs):
+        self.device_index = 0
+        self.priority = priority
+
+    @property
+    def device(self):
+        import torch
+        return torch.device("cuda", 0)
+
+    @property
+    def cuda_stream(self):
+        raise not_supported("torch.cuda.Stream.cuda_stream (a raw CUDA stream handle)")
+
+    def synchronize(self):
+        _synchronize()
+
+    def query(self) -> bool:
+        _synchronize()
+        return True
+
+    def wait_stream(self, stream):
+        pass  # one ordered stream: the other stream's work is already ahead of ours
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def __eq__(self, other):
+        return isinstance(other, Stream)
+
+    def __hash__(self):
+        return 0
+
+    def __repr__(self):
+        return "<torch.cuda.Stream device=cuda:0 (MoAI Accelerator ordered stream)>"
+
+
+_DEFAULT_STREAM = Stream()
+
+
+class Event:
+    """A ``torch.cuda.Event``; ``elapsed_time`` is wall-clock milliseconds between records."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False,
+                 interprocess: bool = False, **kwargs):
+        if interprocess:
+            raise not_supported("torch.cuda.Event(interprocess=True)")
+        self.enable_timing = enable_timing
+        self._recorded_at: float | None = None
+
+    def record(self, stream=None):
+        if self.enable_timing:
+            _synchronize()
+        self._recorded_at = time.perf_counter()
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self) -> bool:
+        _synchronize()
+        return True
+
+    def synchronize(self):
+        _synchronize()
+
+    def elapsed_time(self, end_event: "Event") -> float:
+        if not (self.enable_timing and end_event.enable_timing):
+            raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+        if self._recorded_at is None or end_event._recorded_at is None:
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        return (end_event._recorded_at - self._recorded_at) * 1000.0
+
+    def ipc_handle(self):
+        raise not_supported("torch.cuda.Event.ipc_handle")
+
+
+def current_stream(device=None) -> Stream:
+    return _DEFAULT_STREAM
+
+
+def default_stream(device=None) -> Stream:
+    return _DEFAULT_STREAM
+
+
+def set_stream(stream):
+    pass
+
+
+@contextlib.contextmanager
+def stream(stream=None):
+    yield stream
+
+
+class StreamContext(contextlib.AbstractContextManager):
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __exit__(self, *exc):
+        return None
+
+
+external_stream = refusing("torch.cuda.ExternalStream")
+cuda_graph = refusing("CUDA graphs (torch.cuda.graph / CUDAGraph / make_graphed_callables)")
+
+PATCHES = {
+    "Stream": Stream, "Event": Event, "current_stream": current_stream,
+    "default_stream": default_stream, "set_stream": set_stream, "stream": stream,
+    "StreamContext": StreamContext, "ExternalStream": external_stream,
+    "get_stream_from_external": external_stream, "graph": cuda_graph, "CUDAGraph": cuda_graph,
+    "make_graphed_callables": cuda_graph, "graph_pool_handle": cuda_graph,
+}

@@ -1,0 +1,68 @@
+"""The virtual device: PyTorch's Python-only PrivateUse1 backend, renamed ``moai``.
+
+Registering it gives the dispatcher a real device type (autograd, device guards and
+``torch.library`` kernels work on it) without CUDA in this build. Tensors on it are
+``RemoteTensor`` wrappers (offload/tensor.py); user code sees them as ``cuda:0`` because the
+wrapper overrides ``device`` and B2's device mapping sends ``"cuda"`` here.
+
+Factory functions (``torch.empty(..., device=dev)``, and every factory built on it: zeros,
+randn, arange ...) have no tensor argument for ``__torch_dispatch__`` to catch, so the two
+allocation primitives get PrivateUse1 kernels that create a remote tensor.
+
+Random numbers: the workers draw from their own generator, like a CUDA device has its own.
+``torch.manual_seed(s)`` reaches ``manual_seed_all`` below (torch seeds every registered custom
+device), which puts a seed record into the op stream; a worker seeds its generator with ``s``, so a
+device random op gives the same numbers as the same op on a native CPU tensor after the same seed.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+BACKEND = "moai"
+DEVICE = torch.device(BACKEND, 0)
+
+_registered = False
+_library: torch.library.Library | None = None
+
+
+def _backend_module() -> types.ModuleType:
+    from offload import session
+
+    mod = types.ModuleType(f"torch.{BACKEND}")
+    mod.is_available = lambda: True
+    mod.device_count = lambda: 1
+    mod.current_device = lambda: 0
+    mod._is_in_bad_fork = lambda: False
+    mod.manual_seed = session.manual_seed
+    mod.manual_seed_all = session.manual_seed
+    mod.synchronize = lambda device=None: session.synchronize()
+    return mod
+
+
+def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    from offload import dispatch
+
+    return dispatch.DISPATCHER.factory(torch.ops.aten.empty.memory_format, (list(size),),
+                                       {"dtype": dtype, "device": device, "memory_format": memory_format})
+
+
+def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memory=None):
+    from offload import dispatch
+
+    return dispatch.DISPATCHER.factory(torch.ops.aten.empty_strided.default, (list(size), list(stride)),
+                                       {"dtype": dtype, "device": device})
+
+
+def register():
+    """Make the ``moai`` device exist in this process (idempotent)."""
+    global _registered, _library
+    if _registered:
+        return
+    _setup_privateuseone_for_python_backend(BACKEND, backend_module=_backend_module())
+    _library = torch.library.Library("aten", "IMPL")
+    _library.impl("empty.memory_format", _empty, "PrivateUse1")
+    _library.impl("empty_strided", _empty_strided, "PrivateUse1")
+    _registered = True

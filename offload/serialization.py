@@ -1,0 +1,98 @@
+"""``torch.save`` / ``torch.load`` of virtual-device tensors, in stock torch's own file format.
+
+Saving a device tensor downloads its data and writes it as a CPU storage tagged ``cuda:0``, the tag
+a real GPU would give it. So files are portable both ways: a checkpoint saved here loads as CUDA
+tensors on a real GPU machine with stock torch, and a checkpoint saved on a GPU server loads here
+as device tensors. Loading follows ``map_location`` like real CUDA: none or ``"cuda"`` gives device
+tensors (reported as ``cuda:0``), ``"cpu"`` or a ``lambda storage, loc: storage`` gives CPU tensors.
+
+Three hooks do it: ``Tensor.__reduce_ex__`` (device tensors pickle their downloaded CPU copy), a
+storage tagger/deserializer pair in torch.serialization's registry (the ``cuda`` tag), and
+``torch._utils._rebuild_tensor_v2`` (a tensor whose storage came from a ``cuda`` location is
+uploaded once rebuilt). The weights-only unpickler allows the rebuild function by its name, so
+``torch.load(weights_only=True)`` takes the same path.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import weakref
+
+import torch
+import torch._utils
+import torch.serialization
+
+from offload.device_mapping import virtual_device
+
+# Lower than torch's cpu (10) and cuda (20) entries: ours decides first.
+REGISTRY_PRIORITY = 5
+SAVED_LOCATION = "cuda:0"
+
+# C++ storage pointer -> weak reference, for storages that crossed between the device and a file.
+_downloaded_for_saving: dict[int, weakref.ref] = {}
+_to_upload_when_rebuilt: dict[int, weakref.ref] = {}
+_original_reduce_ex = torch.Tensor.__reduce_ex__
+_original_rebuild_tensor_v2 = torch._utils._rebuild_tensor_v2
+
+
+def _remember(registry: dict, storage):
+    key = storage._cdata
+    registry[key] = weakref.ref(storage, lambda _ref: registry.pop(key, None))
+
+
+def _recalls(registry: dict, storage) -> bool:
+    ref = registry.get(storage._cdata)
+    return ref is not None and ref() is storage
+
+
+def _is_device_tensor(tensor: torch.Tensor) -> bool:
+    # The front has no real GPU: a tensor that says it is CUDA lives on the virtual device.
+    return tensor.device.type in ("cuda", torch._C._get_privateuse1_backend_name())
+
+
+def _reduce_ex(self, protocol):
+    if not _is_device_tensor(self):
+        return _original_reduce_ex(self, protocol)
+    host = self.detach().to("cpu")
+    _remember(_downloaded_for_saving, host.untyped_storage())
+    if getattr(self, "_is_param", False):
+        return (torch._utils._rebuild_parameter,
+                (host, self.requires_grad, collections.OrderedDict()))
+    if self.requires_grad and self.is_leaf:
+        host.requires_grad_(True)
+    return _original_reduce_ex(host, protocol)
+
+
+def _tag(storage) -> str | None:
+    return SAVED_LOCATION if _recalls(_downloaded_for_saving, storage) else None
+
+
+def _deserialize(storage, location: str):
+    if not location.startswith("cuda"):
+        return None
+    # map_device refuses cuda:1 and above with the same message a .to("cuda:1") would get.
+    from offload.device_mapping import map_device
+    map_device(location)
+    _remember(_to_upload_when_rebuilt, storage)
+    return storage
+
+
+@functools.wraps(_original_rebuild_tensor_v2)
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       metadata=None):
+    untyped = getattr(storage, "_untyped_storage", storage)
+    if not _recalls(_to_upload_when_rebuilt, untyped):
+        return _original_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
+                                           backward_hooks, metadata)
+    host = _original_rebuild_tensor_v2(storage, storage_offset, size, stride, False,
+                                       backward_hooks, metadata)
+    return host.to(virtual_device()).requires_grad_(requires_grad)
+
+
+def install():
+    """Hook saving and loading (idempotent)."""
+    if torch.Tensor.__reduce_ex__ is _reduce_ex:
+        return
+    torch.Tensor.__reduce_ex__ = _reduce_ex
+    torch.serialization.register_package(REGISTRY_PRIORITY, _tag, _deserialize)
+    torch._utils._rebuild_tensor_v2 = _rebuild_tensor_v2

@@ -1,0 +1,239 @@
+"""Helpers for the master's tests: a real ``moai-master`` subprocess on a free loopback port with
+a temporary database, fake back nodes that speak the agent protocol, and the CLI tools run as
+subprocesses with ``MOAI_*`` settings.
+
+A fake node is a real client of the master (register_node / heartbeat_node from a thread) plus a
+tiny agent ROUTER (``wire.Server``) that answers launch_worker / stop_worker and records them; no
+worker processes are started, because these tests are about the master's books.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemons import wire
+
+CLUSTER_SECRET = "test-cluster-secret"
+HEARTBEAT_TIMEOUT_S = 2.0
+NODE_HEARTBEAT_INTERVAL_S = 0.2
+MASTER_START_TIMEOUT_S = 60.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class MasterProcess:
+    """``moai-master`` as a subprocess; ``kill()`` + ``start()`` keeps the port and database."""
+
+    def __init__(self, tmp_path: Path, **settings):
+        self.tmp_path = tmp_path
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.config = tmp_path / "moai.toml"
+        values = {"master_addr": self.address, "master_bind": self.address, "db_path": str(tmp_path / "master.db"),
+                  "state_dir": str(tmp_path), "token_file": str(tmp_path / "token"),
+                  "cluster_secret": CLUSTER_SECRET, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+                  "agent_call_timeout_s": 2.0, "worker_start_timeout_s": 2.0, **settings}
+        self.config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp_path / "master.log"
+
+    def env(self, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MOAI_")}
+        env.update({"MOAI_CONFIG": str(self.config), "PYTHONPATH": str(REPO_ROOT)})
+        env.update(extra)
+        return env
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "daemons.master.main"], env=self.env(),
+                                         stdout=log, stderr=log)
+        probe = wire.Client(self.address, timeout_s=0.5)
+        try:
+            def answers():
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"master exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                try:
+                    return probe.call("hello")
+                except wire.TransportTimeout:
+                    return None
+            wait_until(answers, MASTER_START_TIMEOUT_S, "the master to answer hello")
+        finally:
+            probe.close()
+
+    def kill(self, sig=signal.SIGKILL):
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+    def client(self, token: str | None, timeout_s: float = 10.0) -> wire.Client:
+        return wire.Client(self.address, token, timeout_s=timeout_s)
+
+    def admin(self) -> wire.Client:
+        return self.client(CLUSTER_SECRET)
+
+    def create_token(self, user: str) -> str:
+        admin = self.admin()
+        try:
+            return admin.call("create_token", {"user": user})["token"]
+        finally:
+            admin.close()
+
+    def run_cli(self, module: str, *args, token: str | None = None, stdin: str | None = None,
+                env: dict | None = None, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+        env = self.env(**({"MOAI_TOKEN": token} if token else {}), **(env or {}))
+        return subprocess.run([sys.executable, "-m", f"moreh_cli.{module}", *args], env=env, input=stdin,
+                              capture_output=True, text=True, timeout=timeout_s)
+
+
+def _toml(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value).lower() if isinstance(value, bool) else repr(value)
+
+
+class FakeNode:
+    """A back node as the master sees it: registration, heartbeats, an agent that 'launches'."""
+
+    def __init__(self, master: MasterProcess, name: str, gpus: int, fail_launch: bool = False):
+        self.master = master
+        self.name = name
+        self.gpus = gpus
+        self.fail_launch = fail_launch
+        self.launched: list[dict] = []
+        self.stopped: list[dict] = []
+        self.agent = wire.Server("tcp://127.0.0.1:0", {"launch_worker": self._launch, "stop_worker": self._stop},
+                                 name=f"agent-{name}")
+        self._agent_thread = threading.Thread(target=self.agent.serve_forever, daemon=True)
+        self._agent_thread.start()
+        self._beating = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    def _launch(self, msg):
+        if msg.token != CLUSTER_SECRET:
+            raise wire.RequestError("unauthorized", "bad cluster secret")
+        if self.fail_launch:
+            raise wire.RequestError("launch_failed", "supervisor refused to start the worker")
+        self.launched.append(msg.body)
+        return {"address": f"tcp://127.0.0.1:{5700 + msg.body['gpu']}"}
+
+    def _stop(self, msg):
+        self.stopped.append(msg.body)
+        return {}
+
+    def telemetry(self) -> list[dict]:
+        return [{"index": i, "util": 50 + i, "mem_util": 10 + i, "mem_used": 1024 * (i + 1), "mem_total": 4096,
+                 "temp_c": 40 + i, "mem_temp_c": 45 + i} for i in range(self.gpus)]
+
+    def register(self):
+        cluster = self.master.admin()
+        try:
+            cluster.call("register_node", {
+                "node": self.name, "agent_addr": self.agent.address, "worker_host": "127.0.0.1",
+                "gpus": [{"index": i, "name": "virtual", "memory": 2 << 30} for i in range(self.gpus)]})
+        finally:
+            cluster.close()
+        self.start_heartbeats()
+
+    def start_heartbeats(self):
+        self._beating.set()
+        self._beat_thread = threading.Thread(target=self._beat, daemon=True)
+        self._beat_thread.start()
+
+    def _beat(self):
+        cluster = self.master.admin()
+        try:
+            while self._beating.is_set():
+                try:
+                    cluster.call("heartbeat_node", {"node": self.name, "gpus": self.telemetry(), "workers": []},
+                                  timeout_s=1.0)
+                except wire.WireError:
+                    pass  # the master is being restarted by the test
+                time.sleep(NODE_HEARTBEAT_INTERVAL_S)
+        finally:
+            cluster.close()
+
+    def stop_heartbeats(self):
+        self._beating.clear()
+        if self._beat_thread:
+            self._beat_thread.join(timeout=5)
+
+    def close(self):
+        self.stop_heartbeats()
+        self.agent.stop()
+        self._agent_thread.join(timeout=5)
+
+
+@pytest.fixture
+def master(tmp_path):
+    proc = MasterProcess(tmp_path)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def make_node(master):
+    nodes = []
+
+    def make(name: str, gpus: int, **kwargs) -> FakeNode:
+        node = FakeNode(master, name, gpus, **kwargs)
+        nodes.append(node)
+        node.register()
+        return node
+
+    yield make
+    for node in nodes:
+        node.close()
+
+
+class FrontHeartbeat:
+    """Keeps a job's front 'alive' (heartbeat_job from a thread) until stopped."""
+
+    def __init__(self, master: MasterProcess, token: str, job_id: int, memory_used: int = 0):
+        self.master, self.token, self.job_id, self.memory_used = master, token, job_id, memory_used
+        self._running = threading.Event()
+        self._running.set()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        client = self.master.client(self.token, timeout_s=1.0)
+        try:
+            while self._running.is_set():
+                try:
+                    client.call("heartbeat_job", {"job_id": self.job_id, "memory_used": self.memory_used,
+                                                  "memory_peak": self.memory_used})
+                except wire.WireError:
+                    pass  # the master is being restarted by the test
+                time.sleep(NODE_HEARTBEAT_INTERVAL_S)
+        finally:
+            client.close()
+
+    def stop(self):
+        self._running.clear()
+        self._thread.join(timeout=5)

@@ -1,0 +1,119 @@
+"""moreh-smi, moreh-switch-model and moai-admin as the user runs them: real subprocesses talking
+to a real master, configured only through MOAI_* settings."""
+import re
+
+import pytest
+
+from master_fixture import FrontHeartbeat, make_node, master, wait_until  # noqa: F401
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def one_line_error(result, *fragments) -> str:
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for f in fragments:
+        assert f in result.stderr, result.stderr
+    return result.stderr
+
+
+def device_row(out: str, device_id: int) -> str:
+    return next(line for line in out.splitlines() if re.match(rf"\|  [* ] {device_id} ", line))
+
+
+def test_smi_shows_devices_processes_gpus_and_the_switched_model(master, make_node):
+    make_node("back1", 4)
+    token = master.create_token("alice")
+    smi = ok(master.run_cli("smi", token=token))
+    lines = smi.splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d [A-Z][a-z]+ \d\d, \d{4}", lines[0])
+    assert lines[2].endswith("Current Version: 0.1.0  Latest Version: 0.1.0  |")
+    assert lines[3].split("|")[1:-1] == [c.center(len(c)) for c in lines[3].split("|")[1:-1]]
+    assert "Utilization" in lines[4] and lines[5].startswith("+====")
+    device_id = int(re.search(r"\|  \* (\d+) ", smi).group(1))
+    assert re.search(r"MoAI Accelerator\s+\|  Small\.64GB  \|  -\s+\|  65520 MiB", device_row(smi, device_id))
+    assert lines[lines.index("Processes:") + 4].startswith("+---"), "no processes yet"
+
+    switched = master.run_cli("switch_model", token=token, stdin="3\n")
+    out = ok(switched)
+    assert "Current MoAI Accelerator: Small.64GB" in out and "\n1. Small.64GB*\n" in out
+    assert "\n12. 1.5xLarge.768GB\n" in out and "Selection (1-12, q, Q): " in out
+    assert 'successfully switched to "Large.256GB"' in out
+
+    # a job started now gets the new size: 4 GPUs, all shown by -p
+    client = master.client(token)
+    job = client.call("allocate_job", {"pid": 4242, "process_name": "python train.py", "hostname": "front"})
+    assert job["state"] == "running"
+    beat = FrontHeartbeat(master, token, job["job_id"], memory_used=1536 << 20)
+    wait_until(lambda: client.call("list_processes")["processes"][0]["memory_mib"] == 1536, 5, "memory report")
+    smi = ok(master.run_cli("smi", token=token))
+    row = device_row(smi, device_id)
+    assert "Large.256GB" in row and "1536 MiB" in row and "262080 MiB" in row
+    assert re.search(r"\|  5\d %", row), "utilization comes from node telemetry"
+    assert re.search(rf"\|\s+{device_id}  \|\s+{job['job_id']}  \|\s+4242  \|  python train.py  \|  1536 MiB", smi)
+    physical = ok(master.run_cli("smi", "-p", token=token)).splitlines()
+    assert [line.split("|")[2].strip() for line in physical[4:-1]] == [f"back1:{i}" for i in range(4)]
+    assert physical[4] == "|    0  |  back1:0   |    40 C    |    45 C    |    50 %    |    10 %    |    25 %     |"
+    beat.stop()
+
+
+def test_smi_device_add_remove_switch_and_limit(master):
+    token = master.create_token("bob")
+    first = master.client(token).call("list_devices")["current_id"]
+    assert "Large.256GB) was added" in ok(master.run_cli("smi", "device", "--add", "3", token=token))
+    menu = ok(master.run_cli("smi", "device", "--add", token=token, stdin="x\n2\n"))
+    assert "Current MoAI Accelerator: Large.256GB" in menu and "3. Large.256GB*" in menu
+    assert "Please enter a number from 1 to 12" in menu and "Medium.128GB) was added" in menu
+    quit_menu = ok(master.run_cli("smi", "device", "--add", token=token, stdin="q\n"))
+    assert "was added" not in quit_menu
+    ok(master.run_cli("smi", "device", "--add", "Small", token=token))
+    one_line_error(master.run_cli("smi", "device", "--add", "1", token=token),
+                   "already owns 4 devices", "moreh-smi device --rm ID")
+    devices = master.client(token).call("list_devices")["devices"]
+    ids = [d["id"] for d in devices]
+    assert len(ids) == 4
+
+    assert f"Switched to device {first}." in ok(master.run_cli("smi", "device", "--switch", str(first), token=token))
+    assert re.search(rf"\|  \* {first} ", ok(master.run_cli("smi", token=token)))
+    only = ok(master.run_cli("smi", "-i", str(ids[1]), token=token))
+    assert re.search(rf"\|    {ids[1]} ", only) and not re.search(rf"\|  [* ] {first} ", only)
+
+    removed = ok(master.run_cli("smi", "device", "--rm", str(first), token=token))
+    assert f"Removed device(s): {first}." in removed and f"Current device: {ids[3]}." in removed
+    one_line_error(master.run_cli("smi", "device", "--rm", token=token), "either a device id or --all")
+    one_line_error(master.run_cli("smi", "device", "--switch", "999999", token=token), "no device 999999")
+    assert "Current device: none." in ok(master.run_cli("smi", "device", "--rm", "--all", token=token))
+    assert master.client(token).call("list_devices")["devices"] == []
+
+
+def test_tools_fail_with_one_line_and_status_1(master, tmp_path):
+    one_line_error(master.run_cli("smi"), "no token", "MOAI_TOKEN")
+    one_line_error(master.run_cli("smi", token="not-a-token"), "unknown or missing token")
+    one_line_error(master.run_cli("switch_model", "99", token=master.create_token("c")), "no device size number 99")
+    unreachable = master.run_cli("smi", token="x", env={"MOAI_MASTER_ADDR": "tcp://127.0.0.1:9"})
+    one_line_error(unreachable, "cannot reach the master at tcp://127.0.0.1:9")
+    (tmp_path / "typo.toml").write_text("master_adr = 1\n")
+    one_line_error(master.run_cli("smi", token="x", env={"MOAI_CONFIG": str(tmp_path / "typo.toml")}),
+                   "bad settings", "master_adr")
+
+
+def test_admin_creates_tokens_and_shows_nodes_jobs_usage(master, make_node):
+    make_node("back7", 2)
+    token = ok(master.run_cli("admin", "token", "create", "carol")).strip()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{20,}", token)
+    client = master.client(token)
+    job = client.call("allocate_job", {"pid": 1, "process_name": "python a.py", "hostname": "f"})
+    client.call("release_job", {"job_id": job["job_id"]})
+    nodes = ok(master.run_cli("admin", "nodes"))
+    assert "back7" in nodes and "yes" in nodes
+    jobs = ok(master.run_cli("admin", "jobs"))
+    assert "carol" in jobs and "finished" in jobs
+    usage = ok(master.run_cli("admin", "usage"))
+    assert "carol" in usage and token in usage
+    forged = master.run_cli("admin", "nodes", env={"MOAI_CLUSTER_SECRET": "guess"})
+    one_line_error(forged, "needs the cluster secret")

@@ -1,0 +1,244 @@
+"""The master daemon against real clients: tokens, devices, jobs, queue, liveness, restart."""
+import time
+
+import pytest
+
+from daemons import wire
+from master_fixture import (CLUSTER_SECRET, HEARTBEAT_TIMEOUT_S, FrontHeartbeat, MasterProcess,  # noqa: F401
+                            make_node, master, wait_until)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def error_of(client, msg_type, body=None) -> wire.RemoteError:
+    with pytest.raises(wire.RemoteError) as info:
+        client.call(msg_type, body or {})
+    return info.value
+
+
+def allocate(client, pid=1234):
+    return client.call("allocate_job", {"pid": pid, "process_name": "python train.py", "hostname": "front1"})
+
+
+def job_state(client, job_id):
+    return client.call("job_status", {"job_id": job_id})["state"]
+
+
+@pytest.fixture
+def user(master):
+    token = master.create_token("alice")
+    client = master.client(token)
+    yield token, client
+    client.close()
+
+
+def test_hello_names_version_and_protocol(master):
+    reply = master.client(None).call("hello")
+    assert reply["protocol"] == wire.PROTOCOL_VERSION and reply["server_version"]
+
+
+def test_tokens_are_authenticated_and_isolated(master, make_node):
+    make_node("n1", 2)
+    assert error_of(master.client(None), "list_devices").code == "unauthorized"
+    assert error_of(master.client("forged"), "list_devices").code == "unauthorized"
+    assert error_of(master.client("forged"), "create_token", {"user": "x"}).code == "unauthorized"
+    alice, bob = master.create_token("alice"), master.create_token("bob")
+    a, b = master.client(alice), master.client(bob)
+    a_dev = a.call("list_devices")
+    assert [d["flavor"] for d in a_dev["devices"]] == ["Small.64GB"] and a_dev["devices"][0]["current"]
+    a_id = a_dev["current_id"]
+    job = allocate(a)
+    assert job["state"] == "running"
+    for msg_type, body in [("switch_device", {"device_id": a_id}), ("remove_device", {"device_id": a_id}),
+                           ("set_device_flavor", {"flavor": 2, "device_id": a_id}),
+                           ("job_status", {"job_id": job["job_id"]}), ("release_job", {"job_id": job["job_id"]}),
+                           ("list_processes", {"device_id": a_id})]:
+        assert error_of(b, msg_type, body).code == "not_found", msg_type
+    assert a_id not in [d["id"] for d in b.call("list_devices")["devices"]]
+    assert b.call("list_processes")["processes"] == []
+    assert job_state(a, job["job_id"]) == "running"
+
+
+def test_device_add_limit_remove_and_switch(user, master):
+    _, c = user
+    first = c.call("list_devices")["current_id"]
+    added = [c.call("add_device", {"flavor": f})["device"] for f in (3, "Medium", "xLarge.512GB")]
+    assert [d["flavor"] for d in added] == ["Large.256GB", "Medium.128GB", "xLarge.512GB"]
+    assert c.call("list_devices")["current_id"] == added[-1]["id"], "a new device becomes current"
+    err = error_of(c, "add_device", {"flavor": 1})
+    assert err.code == "device_limit"
+    assert "already owns 4 devices" in err.message and "moreh-smi device --rm ID" in err.message
+    assert error_of(c, "add_device", {"flavor": 13}).code == "bad_request"
+    # switching records use; removing the current device falls back to the most recently used one
+    c.call("switch_device", {"device_id": added[0]["id"]})
+    c.call("switch_device", {"device_id": first})
+    assert c.call("remove_device", {"device_id": first})["current_id"] == added[0]["id"]
+    reply = c.call("remove_device", {"all": True})
+    assert sorted(reply["removed"]) == sorted(d["id"] for d in added) and reply["current_id"] is None
+    assert c.call("list_devices")["devices"] == []
+    assert error_of(c, "allocate_job", {"pid": 1, "process_name": "p", "hostname": "h"}).code == "no_device"
+
+
+def test_job_gets_flavor_gpus_and_agents_get_the_launch(user, master, make_node):
+    token, c = user
+    node = make_node("n1", 4)
+    c.call("set_device_flavor", {"flavor": "Medium"})
+    job = allocate(c)
+    assert job["state"] == "running"
+    status = c.call("job_status", {"job_id": job["job_id"]})
+    assert status["world_size"] == 2
+    assert [(w["rank"], w["node"]) for w in status["workers"]] == [(0, "n1"), (1, "n1")]
+    assert [w["address"] for w in status["workers"]] == [f"tcp://127.0.0.1:{5700 + w['gpu']}"
+                                                         for w in status["workers"]]
+    rank0 = status["workers"][0]
+    assert status["rendezvous"] == f"tcp://127.0.0.1:{5700 + 100 + rank0['gpu']}"
+    assert sorted(l["rank"] for l in node.launched) == [0, 1]
+    assert all(l["job_secret"] == status["job_secret"] and l["world_size"] == 2 and l["memory_cap"] == 2 << 30
+               for l in node.launched)
+    # the size switch applies to the next job
+    c.call("set_device_flavor", {"flavor": "Large"})
+    c.call("release_job", {"job_id": job["job_id"], "exit_code": 0})
+    assert job_state(c, job["job_id"]) == "finished"
+    wait_until(lambda: len(node.stopped) == 2, 5, "stop_worker for both workers")
+    assert c.call("job_status", {"job_id": allocate(c)["job_id"]})["world_size"] == 4
+
+
+def test_job_queues_when_gpus_are_short_and_runs_once_freed(master, make_node):
+    make_node("n1", 2)
+    alice, bob = master.create_token("alice"), master.create_token("bob")
+    a, b = master.client(alice), master.client(bob)
+    for c in (a, b):
+        c.call("set_device_flavor", {"flavor": "Medium"})
+    first = allocate(a)
+    assert first["state"] == "running"
+    second = allocate(b)
+    assert second["state"] == "queued"
+    assert second["message"] == "waiting for 2 GPUs (0 free of 2); position 1 in queue"
+    beat = FrontHeartbeat(master, alice, first["job_id"])
+    time.sleep(0.5)  # the queued front only polls; polling keeps it alive
+    assert job_state(b, second["job_id"]) == "queued"
+    beat.stop()
+    usage = a.call("release_job", {"job_id": first["job_id"]})["usage_gpu_seconds"]
+    assert usage > 0
+    wait_until(lambda: job_state(b, second["job_id"]) == "running", 10, "the queued job to start")
+    records = a.call("usage")
+    assert records["records"][0]["job_id"] == first["job_id"] and records["records"][0]["gpus"] == 2
+    assert records["total_gpu_seconds"] == pytest.approx(usage)
+
+
+def test_request_larger_than_the_cluster_is_refused(user, make_node):
+    _, c = user
+    make_node("n1", 2)
+    c.call("set_device_flavor", {"flavor": "xLarge"})
+    err = error_of(c, "allocate_job", {"pid": 1, "process_name": "p", "hostname": "h"})
+    assert err.code == "too_large" and "needs 8 GPUs" in err.message and "has 2" in err.message
+
+
+def test_silent_front_frees_gpus_and_records_usage(user, master, make_node):
+    token, c = user
+    node = make_node("n1", 1)
+    job = allocate(c)
+    beat = FrontHeartbeat(master, token, job["job_id"], memory_used=300 << 20)
+    wait_until(lambda: [p["memory_mib"] for p in c.call("list_processes")["processes"]] == [300], 5,
+               "the process and its memory to appear")
+    beat.stop()
+    wait_until(lambda: job_state(c, job["job_id"]) == "failed", HEARTBEAT_TIMEOUT_S + 5, "the job to fail")
+    status = c.call("job_status", {"job_id": job["job_id"]})
+    assert "no heartbeat" in status["message"] and "front process 1234" in status["message"]
+    wait_until(lambda: node.stopped, 5, "stop_worker")
+    usage = c.call("usage")
+    assert usage["records"][0]["gpu_seconds"] >= HEARTBEAT_TIMEOUT_S
+    assert allocate(c)["state"] == "running", "the GPU is free again"
+
+
+def test_lost_node_leaves_the_pool_and_fails_its_jobs(user, master, make_node):
+    token, c = user
+    a = make_node("a", 1)
+    make_node("b", 2)
+    job = allocate(c)
+    assert c.call("job_status", {"job_id": job["job_id"]})["workers"][0]["node"] == "a", "packs the fullest fit"
+    beat = FrontHeartbeat(master, token, job["job_id"])
+    a.stop_heartbeats()
+    wait_until(lambda: job_state(c, job["job_id"]) == "failed", HEARTBEAT_TIMEOUT_S + 5, "the job to fail")
+    beat.stop()
+    assert c.call("job_status", {"job_id": job["job_id"]})["message"] == \
+        f"node a lost (no heartbeat for {HEARTBEAT_TIMEOUT_S:g} s)"
+    nodes = {n["node"]: n for n in master.admin().call("list_nodes")["nodes"]}
+    assert not nodes["a"]["alive"] and nodes["a"]["free"] == 0 and nodes["b"]["alive"]
+    c.call("set_device_flavor", {"flavor": "Medium"})
+    status = c.call("job_status", {"job_id": allocate(c)["job_id"]})
+    assert {w["node"] for w in status["workers"]} == {"b"}
+
+
+def test_failed_launch_fails_the_job_and_frees_gpus(user, make_node):
+    _, c = user
+    make_node("n1", 1, fail_launch=True)
+    job = allocate(c)
+    assert job["state"] == "failed" and "launch failed" in job["message"]
+    assert "supervisor refused" in job["message"]
+    assert c.call("usage")["records"][0]["job_id"] == job["job_id"]
+
+
+def test_worker_exit_fails_the_job_with_the_reason(user, master, make_node):
+    _, c = user
+    make_node("n1", 1)
+    job = allocate(c)
+    gpu = c.call("job_status", {"job_id": job["job_id"]})["workers"][0]["gpu"]
+    master.admin().call("report_worker_exit", {"node": "n1", "gpu": gpu, "job_id": job["job_id"],
+                                               "exit_code": -9, "reason": "killed by the OOM killer"})
+    status = c.call("job_status", {"job_id": job["job_id"]})
+    assert status["state"] == "failed" and "killed by the OOM killer" in status["message"]
+
+
+def test_master_killed_and_restarted_loses_nothing(master, make_node):
+    node = make_node("n1", 4)
+    alice = master.create_token("alice")
+    c = master.client(alice)
+    extra = c.call("add_device", {"flavor": "Medium"})["device"]["id"]
+    done = allocate(c)
+    c.call("release_job", {"job_id": done["job_id"]})
+    live = allocate(c)
+    beat = FrontHeartbeat(master, alice, live["job_id"], memory_used=5 << 20)
+    wait_until(lambda: c.call("list_devices")["devices"][-1]["used_mib"] == 5, 5, "memory to be reported")
+    before = {t: c.call(t) for t in ("list_devices", "usage", "list_processes")}
+    jobs_before = master.admin().call("list_all_jobs")
+
+    master.kill()
+    master.start()
+    after = {t: c.call(t) for t in ("list_devices", "usage", "list_processes")}
+    assert after == before
+    assert master.admin().call("list_all_jobs") == jobs_before
+    assert c.call("list_devices")["current_id"] == extra
+    assert job_state(c, live["job_id"]) == "running"
+    time.sleep(HEARTBEAT_TIMEOUT_S + 0.5)  # the restarted master keeps the live job and the node
+    assert job_state(c, live["job_id"]) == "running"
+    assert master.admin().call("list_nodes")["nodes"][0]["alive"]
+    beat.stop()
+    assert node.launched
+
+
+BAD_CLIENT_REQUESTS = [
+    ("add_device", {"flavor": [1]}), ("add_device", {}), ("switch_device", {"device_id": "x"}),
+    ("allocate_job", {"pid": "1", "process_name": "p", "hostname": "h"}),
+    ("allocate_job", {"pid": 2 ** 63, "process_name": "p", "hostname": "h"}),
+    ("allocate_job", {"pid": 1, "process_name": "p" * 5000, "hostname": "h"}),
+    ("heartbeat_job", {"job_id": True}), ("list_devices", [1, 2]), ("remove_device", {"all": "yes"}),
+    ("job_status", {"job_id": None}), ("set_device_flavor", {"flavor": "Huge"}),
+]
+BAD_CLUSTER_REQUESTS = [
+    ("register_node", {"node": "x", "agent_addr": "a", "worker_host": "h", "gpus": [{"index": "0"}]}),
+    ("register_node", {"node": "x", "agent_addr": "a", "worker_host": "h", "gpus": [{"index": 0}, {"index": 0}]}),
+    ("register_node", {"node": "x", "agent_addr": "a", "worker_host": "h", "gpus": "four"}),
+    ("heartbeat_node", {"node": 5}), ("create_token", {"user": ""}), ("report_worker_exit", {"job_id": "1"}),
+    ("list_nodes", "x"),
+]
+
+
+def test_wrong_field_types_are_bad_requests_and_lose_nothing(user, master):
+    _, c = user
+    admin = master.admin()
+    for client, cases in [(c, BAD_CLIENT_REQUESTS), (admin, BAD_CLUSTER_REQUESTS)]:
+        for msg_type, body in cases:
+            assert error_of(client, msg_type, body).code == "bad_request", (msg_type, body)
+    assert len(c.call("list_devices")["devices"]) == 1
+    assert admin.call("list_nodes") == {"nodes": []}
