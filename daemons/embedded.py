@@ -10,9 +10,11 @@ daemons started here inherit the same environment, so they read the same setting
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from urllib.parse import urlparse
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from daemons import config, wire
+from daemons import config
 
 CONF_DIR = Path(__file__).parent / "supervisord"
 READY_TIMEOUT_S = 60.0
@@ -108,6 +110,8 @@ def _check_not_fatal(settings: config.Settings):
 def wait_ready(settings: config.Settings, timeout_s: float = READY_TIMEOUT_S, nodes: tuple = ()):
     """Until the master answers and the agent(s) of ``nodes`` (default: this node) are registered
     and alive. Raises StackError naming what is missing."""
+    from daemons import wire  # see main()
+
     nodes = set(nodes or (settings.node_name,))
     admin = wire.Client(settings.master_addr, settings.cluster_secret, timeout_s=2.0)
     deadline = time.monotonic() + timeout_s
@@ -134,6 +138,8 @@ def wait_ready(settings: config.Settings, timeout_s: float = READY_TIMEOUT_S, no
 
 def ensure_token(settings: config.Settings) -> str:
     """The user's token; on the first start one is created by the master and saved (mode 0600)."""
+    from daemons import wire  # see main()
+
     token = settings.user_token()
     if token:
         return token
@@ -151,17 +157,79 @@ def ensure_token(settings: config.Settings) -> str:
 
 
 def stop(settings: config.Settings, timeout_s: float = STOP_TIMEOUT_S) -> bool:
-    """Shut supervisord down (it stops every program first). False when it was not running."""
-    pidfile = settings.path("state_dir") / "supervisord.pid"
-    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    """Shut the stack down: supervisord stops every program first, then whatever outlived it (the
+    orphans of a supervisord that crashed or was killed) is terminated. False when nothing of the
+    stack was running."""
+    pid = _supervisord_pid(settings)
     try:
         supervisor_proxy(settings).supervisor.shutdown()
+        stopped = True
     except (OSError, xmlrpc.client.Error):
-        return False
+        stopped = False
+    else:
+        _wait_gone([pid] if pid else [], timeout_s)
+    leftovers = stack_pids(settings)
+    if leftovers:
+        terminate(leftovers, timeout_s)
+    return stopped or bool(leftovers)
+
+
+def stack_pids(settings: config.Settings) -> list[int]:
+    """Live processes of this stack: its supervisord and every process started under it.
+    supervisord writes its own XML-RPC address into each child's environment, which finds the
+    children even after supervisord itself is gone."""
+    found = processes_with_env(f"SUPERVISOR_SERVER_URL=http://{urlparse(settings.supervisor_url).netloc}")
+    pid = _supervisord_pid(settings)
+    return found + [pid] if pid and pid not in found else found
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Live processes other than this one whose environment holds ``entry`` (``NAME=value``)."""
+    marker = entry.encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if marker in (d / "environ").read_bytes().split(b"\0") and _pid_alive(int(d.name)):
+                found.append(int(d.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def _supervisord_pid(settings: config.Settings) -> int | None:
+    """supervisord's pid from its pidfile, if that process still runs supervisord (a stale pidfile
+    of a killed supervisord may name an unrelated process by now)."""
+    pidfile = settings.path("state_dir") / "supervisord.pid"
+    try:
+        pid = int(pidfile.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"supervisord" in cmdline and _pid_alive(pid) else None
+
+
+def terminate(pids: list[int], timeout_s: float):
+    """SIGTERM, then SIGKILL whatever is still alive after ``timeout_s``."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pids, timeout_s, raise_on_timeout=False):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait_gone(pids, timeout_s)
+
+
+def _wait_gone(pids: list[int], timeout_s: float, raise_on_timeout: bool = True) -> bool:
     deadline = time.monotonic() + timeout_s
-    while pid and _pid_alive(pid):
+    while any(_pid_alive(p) for p in pids):
         if time.monotonic() > deadline:
-            raise StackError(f"supervisord (pid {pid}) still running after {timeout_s:.0f}s")
+            if raise_on_timeout:
+                raise StackError(f"processes {[p for p in pids if _pid_alive(p)]} still running "
+                                 f"after {timeout_s:.0f}s")
+            return False
         time.sleep(POLL_INTERVAL_S)
     return True
 
@@ -174,14 +242,19 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie (our own exited child) is gone for every purpose but the process table.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def cmd_up(settings: config.Settings) -> int:
     if supervisor_running(settings):
         print(f"the embedded stack is already running ({settings.supervisor_url})")
     else:
+        # Orphans of a crashed stack would hold the master's port and GPUs' worker ports.
+        if stop(settings):
+            print("stopped the leftover processes of an embedded stack that had crashed")
         start(settings)
     wait_ready(settings)
     ensure_token(settings)
@@ -202,6 +275,12 @@ def cmd_status(settings: config.Settings) -> int:
     if not conf.exists():
         print(f"the embedded stack was never started here ({conf} is missing)")
         return 3
+    if not supervisor_running(settings):
+        leftovers = stack_pids(settings)
+        print("the embedded stack is not running" + (
+            f"; {len(leftovers)} of its processes outlived a crash (pids {leftovers}): "
+            "`python -m daemons.embedded down` stops them" if leftovers else ""))
+        return 3
     rc = subprocess.call([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), "status"])
     # supervisorctl answers 3 when some program is not running: idle workers always are.
     return 0 if rc == 3 else rc
@@ -214,6 +293,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemons.embedded", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=sorted(COMMANDS))
     args = parser.parse_args(argv)
+    from daemons.agent import inventory
+
+    # daemons.wire imports torch when it can; these commands never carry tensors, and without
+    # torch each answers in a fraction of a second instead of several. A GPU machine may need
+    # torch.cuda to count its GPUs (worker_slots).
+    if not inventory.gpu_device_present():
+        sys.modules.setdefault("torch", None)
     try:
         return COMMANDS[args.command](config.load())
     except StackError as e:

@@ -128,6 +128,11 @@ def _tensor_bytes(t) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+# One Packer reused for the ints inside ext values: ``packb`` builds a Packer per call, which
+# costs more than packing the whole op record. Packing an int holds the GIL throughout.
+_INT_PACKER = msgpack.Packer()
+
+
 class _Packer:
     """Packs one body, collecting out-of-band buffers into ``self.buffers``."""
 
@@ -139,6 +144,8 @@ class _Packer:
         return len(self.buffers) + 1  # frame index: after magic and header
 
     def default(self, obj):
+        if isinstance(obj, RemoteRef):  # first: op streams are mostly references
+            return msgpack.ExtType(EXT_REMOTE_REF, _INT_PACKER.pack(obj.id))
         if torch is not None:
             if isinstance(obj, torch.Tensor):
                 if obj.is_complex():
@@ -165,8 +172,6 @@ class _Packer:
             return msgpack.ExtType(EXT_COMPLEX, msgpack.packb([obj.real, obj.imag]))
         if isinstance(obj, tuple):
             return msgpack.ExtType(EXT_TUPLE, self.pack(list(obj)))
-        if isinstance(obj, RemoteRef):
-            return msgpack.ExtType(EXT_REMOTE_REF, msgpack.packb(obj.id))
         raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
 
     def pack(self, obj) -> bytes:
@@ -457,14 +462,28 @@ class Client:
             self.sock.send_multipart(encode(msg_type, body, msg_id=msg_id, token=self.token), copy=False)
         return msg_id
 
-    def wait(self, msg_id: int, timeout_s: float | None = None) -> Any:
-        """Wait for the reply to request ``msg_id``; returns its body or raises RemoteError."""
+    def send_tracked(self, msg_type: str, body: Any = None) -> tuple[int, zmq.MessageTracker]:
+        """``send`` for a caller lending a buffer it may overwrite later: the tracker's ``wait()``
+        returns once zmq no longer reads the message's last frame (a tensor body's buffer)."""
+        msg_id = next(self._ids)
+        with self._lock:
+            tracker = self.sock.send_multipart(encode(msg_type, body, msg_id=msg_id, token=self.token),
+                                               copy=False, track=True)
+        return msg_id, tracker
+
+    def wait(self, msg_id: int, timeout_s: float | None = None, *, abandon: bool = True) -> Any:
+        """Wait for the reply to request ``msg_id``; returns its body or raises RemoteError.
+
+        On a timeout a late reply is dropped, unless ``abandon`` is false: a caller that waits in
+        slices (checking its peer's liveness between them) waits again for the same reply.
+        """
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._lock:
             while msg_id not in self._pending:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.sock.poll(int(left * 1000)):
-                    self._abandoned.add(msg_id)
+                    if abandon:
+                        self._abandoned.add(msg_id)
                     raise TransportTimeout(f"no reply from {self.address} within "
                                            f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s")
                 frames = self.sock.recv_multipart(copy=False)

@@ -1,8 +1,9 @@
 """moreh-docker-run [options] [--] COMMAND...: run COMMAND in a front container on the cluster.
 
 The current directory is mounted as the container's working directory; the token and the
-master's address go in as MOAI_TOKEN / MOAI_MASTER_ADDR. Output streams live; the exit status is
-the program's. The container is removed at the end, on Ctrl-C and on SIGTERM.
+master's address go in as MOAI_TOKEN / MOAI_MASTER_ADDR. The program runs as the calling user, so
+the files it writes there are the user's. Output streams live; stdin is not attached; the exit
+status is the program's. The container is removed at the end, on Ctrl-C and on SIGTERM.
 """
 from __future__ import annotations
 
@@ -37,11 +38,13 @@ def parse_args(argv):
     p.add_argument("--token", help="the user's token (default: $MOAI_TOKEN or the token file)")
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the program (repeatable)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="program to run (default: python)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="program to run, e.g. python train.py")
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
-    args.command = args.command or ["python"]
+    if not args.command:
+        # Without stdin an interactive default (python, bash) would exit at once and look like success.
+        p.error("a command is required, e.g. moreh-docker-run python train.py")
     return args
 
 
@@ -70,6 +73,8 @@ def program_environment(args) -> dict:
         raise LaunchError("no token: set MOAI_TOKEN or pass --token "
                           "(an administrator creates one with `moai-admin token create USER`)")
     env = {"MOAI_TOKEN": token}
+    if os.getuid() != 0:
+        env["HOME"] = "/tmp"  # the calling user has no home directory in the image
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -100,7 +105,7 @@ def run(args) -> int:
         args.image, args.command, environment=env, working_dir=WORKDIR,
         volumes={os.getcwd(): {"bind": WORKDIR, "mode": "rw"}},
         network=placement.network, network_mode=placement.network_mode,
-        labels={"org.moai.role": "front"})
+        user=f"{os.getuid()}:{os.getgid()}", labels={"org.moai.role": "front"})
     try:
         container.start()
         stream_output(container)
@@ -110,7 +115,7 @@ def run(args) -> int:
         container.stop(timeout=STOP_TIMEOUT_S)
         return EXIT_INTERRUPTED
     finally:
-        container.remove(force=True)
+        container.remove(force=True, v=True)
 
 
 def raise_keyboard_interrupt(signum, frame):

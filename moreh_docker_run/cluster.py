@@ -17,6 +17,7 @@ from docker.models.containers import Container
 MASTER_ROLE_LABEL = "org.moai.role=master"
 DEFAULT_MASTER_PORT = 5670
 PROBE_TOKEN_REJECTED = 2  # exit status of moreh_docker_run.probe
+PROBE_WAIT_S = 60          # the probe itself gives up after 5 s; the rest is container start-up
 
 
 class LaunchError(Exception):
@@ -88,15 +89,21 @@ def check_master_reachable(client: docker.DockerClient, image: str, placement: P
     network, and on some engines the host cannot route to container addresses at all.
     """
     try:
-        client.containers.run(image, ["python", "-m", "moreh_docker_run.probe", placement.master_addr],
-                              environment={"MOAI_PROBE_TOKEN": token}, remove=True,
-                              network=placement.network, network_mode=placement.network_mode)
-    except docker.errors.ContainerError as e:
-        reason = (e.stderr or b"").decode(errors="replace").strip() or str(e)
-        if e.exit_status == PROBE_TOKEN_REJECTED:
-            raise LaunchError(f"{reason} (ask the administrator for a valid token)") from None
-        where = f" from docker network {placement.network}" if placement.network else ""
-        raise LaunchError(f"the master at {placement.master_addr} cannot be reached{where}: "
-                          f"{reason}. Is the cluster up (docker compose ps)?") from None
+        probe = client.containers.create(
+            image, ["python", "-m", "moreh_docker_run.probe", placement.master_addr],
+            environment={"MOAI_PROBE_TOKEN": token}, network=placement.network,
+            network_mode=placement.network_mode)
     except docker.errors.NotFound as e:
         raise LaunchError(f"docker network {placement.network!r} not found: {e.explanation}") from None
+    try:
+        probe.start()
+        status = probe.wait(timeout=PROBE_WAIT_S)["StatusCode"]
+        reason = probe.logs(stdout=False, stderr=True).decode(errors="replace").strip()
+    finally:
+        probe.remove(force=True, v=True)  # v: a training image may declare volumes
+    if status == PROBE_TOKEN_REJECTED:
+        raise LaunchError(f"{reason} (ask the administrator for a valid token)")
+    if status != 0:
+        where = f" from docker network {placement.network}" if placement.network else ""
+        raise LaunchError(f"the master at {placement.master_addr} cannot be reached{where}: "
+                          f"{reason or f'probe exit status {status}'}. Is the cluster up (docker compose ps)?")

@@ -5,21 +5,29 @@ one-shot finder on ``sys.meta_path`` that waits for ``import torch``. When torch
 importing, the finder decides (only then reading the settings) whether to activate the offload
 layer: ``MOAI_OFFLOAD=0`` never, ``MOAI_OFFLOAD=1`` always (``moai run`` sets it), otherwise when a
 user token is configured (``daemons.config``: ``MOAI_TOKEN``, the config file or the token file).
-Not configured, the program gets stock torch.
+Not configured, the program gets stock torch. The platform's own daemons (``python -m daemons...``)
+never activate: they share the machine, and often the token file, with the user's programs.
 
-Run as ``python -m offload.autostart SCRIPT|-m MODULE ARGS...`` it activates and then runs the
-program as ``__main__`` (``moai run`` uses this when the hook is not installed).
+``run_program`` activates and then runs a program as ``__main__``: ``python -m offload SCRIPT|-m
+MODULE ARGS...`` (offload/__main__.py), which ``moai run`` starts so that it needs no hook. Not
+``-m offload.autostart``: with the hook installed this module is already imported at start-up.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 ENABLE_ENV = "MOAI_OFFLOAD"
 
 
+def is_platform_daemon() -> bool:
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return main_spec is not None and main_spec.name.startswith("daemons.")
+
+
 def should_activate(env=os.environ) -> bool:
+    if is_platform_daemon():
+        return False
     flag = env.get(ENABLE_ENV, "")
     if flag in ("0", "1"):
         return flag == "1"
@@ -45,6 +53,8 @@ class _TorchImportWatcher:
     def find_spec(self, name, path=None, target=None):
         if name != "torch":
             return None
+        import importlib.util  # here, not at the top: it costs every Python start ~20 ms
+
         sys.meta_path.remove(self)  # one shot; also keeps the lookup below from recursing
         spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None:
@@ -60,7 +70,7 @@ class _TorchImportWatcher:
 
 
 def watch_for_torch():
-    if "torch" in sys.modules:  # imported before us (unusual): activate at once
+    if sys.modules.get("torch") is not None:  # imported before us (unusual): activate at once
         if should_activate():
             activate_now()
         return
@@ -68,10 +78,10 @@ def watch_for_torch():
         sys.meta_path.insert(0, _TorchImportWatcher())
 
 
-def _run_program(argv: list[str]):
+def run_program(argv: list[str]):
     import runpy
     if not argv:
-        raise SystemExit("usage: python -m offload.autostart SCRIPT|-m MODULE [ARGS...]")
+        raise SystemExit("usage: python -m offload SCRIPT|-m MODULE [ARGS...]")
     import torch  # noqa: F401  (activation follows the import, as the .pth hook would do it)
     if should_activate():
         activate_now()
@@ -84,7 +94,4 @@ def _run_program(argv: list[str]):
         runpy.run_path(argv[0], run_name="__main__")
 
 
-if __name__ == "__main__":
-    _run_program(sys.argv[1:])
-else:
-    watch_for_torch()
+watch_for_torch()

@@ -42,6 +42,9 @@ class Stream:
         _synchronize()
         return True
 
+    def is_capturing(self) -> bool:
+        return False  # CUDA graphs are refused (cuda_graph below), so nothing is ever captured
+
     def wait_stream(self, stream):
         pass  # one ordered stream: the other stream's work is already ahead of ours
 

@@ -22,6 +22,9 @@ import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
 BACKEND = "moai"
+# torch.device("moai") parses only once PrivateUse1 carries the name (renaming again to the same
+# name is allowed, so register() below may repeat it).
+torch.utils.rename_privateuse1_backend(BACKEND)
 DEVICE = torch.device(BACKEND, 0)
 
 _registered = False
@@ -56,6 +59,17 @@ def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memor
                                        {"dtype": dtype, "device": device})
 
 
+def _arange(start, end=None, step=1, dtype=None, layout=None, device=None, pin_memory=None):
+    # The composite arange allocates empty({0}) and resizes it in arange.out; a device tensor's
+    # shape is fixed at creation, so the whole op is the allocation here.
+    from offload import dispatch
+
+    if end is None:
+        start, end = 0, start
+    return dispatch.DISPATCHER.factory(torch.ops.aten.arange.start_step, (start, end, step),
+                                       {"dtype": dtype, "device": device})
+
+
 def register():
     """Make the ``moai`` device exist in this process (idempotent)."""
     global _registered, _library
@@ -65,4 +79,6 @@ def register():
     _library = torch.library.Library("aten", "IMPL")
     _library.impl("empty.memory_format", _empty, "PrivateUse1")
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")
+    for overload in ("arange", "arange.start", "arange.start_step"):
+        _library.impl(overload, _arange, "PrivateUse1")
     _registered = True

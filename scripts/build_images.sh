@@ -61,12 +61,12 @@ project_requirements() {
     "$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]))'
 }
 
-fill_wheelhouse() {  # DIR REQUIREMENTS_FILE: pip download only when the requirement list changed
-    local dir=$1 reqs=$2
+fill_wheelhouse() {  # DIR REQUIREMENTS_FILE PYTHON_VERSION: pip download only when the list changed
+    local dir=$1 reqs=$2 pyver=$3
     if [ -f "$dir/requirements.txt" ] && cmp -s "$reqs" "$dir/requirements.txt"; then return; fi
     rm -rf "$dir" && mkdir -p "$dir"
     # (grep drops pip's notes about find-links directories of this host's pip config that do not exist)
-    "$PYTHON" -m pip download -q --only-binary=:all: -d "$dir" -r "$reqs" \
+    "$PYTHON" -m pip download -q --only-binary=:all: --python-version "$pyver" -d "$dir" -r "$reqs" \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     cp "$reqs" "$dir/requirements.txt"
 }
@@ -87,11 +87,14 @@ main() {
 
     log "wheelhouse"
     local t0; t0=$(date +%s)
-    local reqs="$CACHE/requirements"; mkdir -p "$reqs"
-    project_requirements >"$reqs/control.txt"
-    echo "$TORCH_SPEC" >"$reqs/torch.txt"
-    fill_wheelhouse "$CACHE/wheels/control" "$reqs/control.txt"
-    fill_wheelhouse "$CACHE/wheels/torch" "$reqs/torch.txt"
+    local reqs="$CACHE/requirements" pyver; mkdir -p "$reqs"
+    # Wheels for the images' interpreter, which need not be the host's; the version heads each
+    # list (as a comment pip ignores) so that a new interpreter refills the wheelhouse.
+    pyver=$(docker run --rm "$base" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    { echo "# python $pyver"; project_requirements; } >"$reqs/control.txt"
+    { echo "# python $pyver"; echo "$TORCH_SPEC"; } >"$reqs/torch.txt"
+    fill_wheelhouse "$CACHE/wheels/control" "$reqs/control.txt" "$pyver"
+    fill_wheelhouse "$CACHE/wheels/torch" "$reqs/torch.txt" "$pyver"
     echo "wheelhouse ready in $(elapsed "$t0")"
 
     log "platform wheel"
@@ -107,7 +110,7 @@ main() {
         local image=$1 ctx=$2; shift 2
         local t; t=$(date +%s)
         log "image $IMAGE_PREFIX/$image"
-        docker build -q -f "images/$image/Dockerfile" -t "$IMAGE_PREFIX/$image:latest" "$@" "$ctx"
+        docker build -q --force-rm -f "images/$image/Dockerfile" -t "$IMAGE_PREFIX/$image:latest" "$@" "$ctx"
         echo "$IMAGE_PREFIX/$image built in $(elapsed "$t")"
     }
     build master "$control_ctx" --build-arg BASE_IMAGE="$base"

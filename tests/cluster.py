@@ -171,19 +171,9 @@ def _node(root: Path, name: str, shared: dict, slots: int, layout: str) -> Node:
     return Node(name, config.load(path, env), path, env, layout)
 
 
-def _processes_with(config_path: Path) -> list[int]:
+def processes_with(config_path: Path) -> list[int]:
     """Pids of live processes whose environment names this cluster's config (leak detection)."""
-    marker = f"MOAI_CONFIG={config_path}".encode()
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker in (d / "environ").read_bytes().split(b"\0") and embedded._pid_alive(int(d.name)):
-                found.append(int(d.name))
-        except OSError:
-            continue
-    return found
+    return embedded.processes_with_env(f"MOAI_CONFIG={config_path}")
 
 
 def _shutdown(node: Node) -> list[int]:
@@ -198,25 +188,31 @@ def _shutdown(node: Node) -> list[int]:
         try:
             node.proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(node.proc.pid, signal.SIGKILL)
+            node.proc.kill()
             node.proc.wait(timeout=10)
-    leaked = _processes_with(node.config_path)
+    leaked = processes_with(node.config_path)
     for pid in leaked:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return leaked
 
 
-@contextlib.contextmanager
-def start_cluster(root: Path, *, nodes: int = 1, gpus_per_node: int = 2, **overrides):
-    """Yield a running :class:`Cluster` of ``nodes`` nodes; ``overrides`` are extra settings."""
+def cluster_nodes(root: Path, *, nodes: int = 1, gpus_per_node: int = 2, **overrides) -> list[Node]:
+    """The settings of a cluster in ``root`` on free loopback ports, nothing started yet: the first
+    node is an embedded stack (master included), the others back nodes."""
     root = Path(root)
     (root / "home").mkdir(parents=True, exist_ok=True)
     master = f"tcp://127.0.0.1:{free_port()}"
     shared = {"master_addr": master, "master_bind": master, "db_path": str(root / "master.db"),
               "cluster_secret": secrets.token_hex(8), **TEST_TIMINGS, **overrides}
-    members = [_node(root, f"node{i}", shared, gpus_per_node, "embedded" if i == 0 else "backnode")
-               for i in range(nodes)]
+    return [_node(root, f"node{i}", shared, gpus_per_node, "embedded" if i == 0 else "backnode")
+            for i in range(nodes)]
+
+
+@contextlib.contextmanager
+def start_cluster(root: Path, *, nodes: int = 1, gpus_per_node: int = 2, **overrides):
+    """Yield a running :class:`Cluster` of ``nodes`` nodes; ``overrides`` are extra settings."""
+    members = cluster_nodes(root, nodes=nodes, gpus_per_node=gpus_per_node, **overrides)
     cluster = Cluster(members)
     leaked: list[int] = []
     try:

@@ -19,6 +19,7 @@ log = logging.getLogger("moai.agent.inventory")
 MIB = 1024 * 1024
 _CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+_NVIDIA_DEVICE = Path("/dev/nvidia0")
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,14 @@ def _load_nvml():
     return pynvml
 
 
+def gpu_device_present() -> bool:
+    """Whether this machine has an NVIDIA device node: only then may the inventory need torch."""
+    return _NVIDIA_DEVICE.exists()
+
+
 def _torch_cuda():
     # Importing torch costs seconds and memory; only pay for it where a GPU device node exists.
-    if not Path("/dev/nvidia0").exists() or importlib.util.find_spec("torch") is None:
+    if not gpu_device_present() or importlib.util.find_spec("torch") is None:
         return None
     import torch
     return torch.cuda if torch.cuda.is_available() else None

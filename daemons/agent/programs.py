@@ -8,6 +8,7 @@ count as success, so a retried request is harmless. ``supervisor_url`` may be ``
 from __future__ import annotations
 
 import threading
+import time
 import xmlrpc.client
 from dataclasses import dataclass
 
@@ -16,10 +17,18 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 # Supervisor process states in which the process is gone and will not come back by itself
 # (workers run with autorestart=false).
 EXITED_STATES = frozenset({"EXITED", "FATAL"})
+GONE_STATES = EXITED_STATES | {"STOPPED"}
+# supervisord kills a worker that ignores SIGTERM after its stopwaitsecs (5 s): far less than this.
+PREDECESSOR_STOP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.1
 
 
 class SupervisorUnavailable(Exception):
     """supervisord did not answer; the agent keeps running and retries on the next request."""
+
+
+class ProgramStuck(Exception):
+    """A GPU's previous worker would not go away, so a new one cannot start there."""
 
 
 @dataclass(frozen=True)
@@ -52,22 +61,37 @@ class WorkerPrograms:
         with self._lock:
             try:
                 return getattr(self._proxy.supervisor, method)(*args)
-            except xmlrpc.client.Fault:
+            except xmlrpc.client.Fault as e:
+                if e.faultCode == Faults.SHUTDOWN_STATE:  # the node is going down, the agent with it
+                    raise SupervisorUnavailable(f"supervisord at {self.url} is shutting down") from None
                 raise
             except (OSError, xmlrpc.client.ProtocolError) as e:
                 raise SupervisorUnavailable(f"supervisord at {self.url} did not answer: {e}") from None
 
     def start(self, gpu: int):
+        """Start a fresh worker for ``gpu``. A previous worker still there (its stop in flight, or a
+        stop that was lost) is stopped and waited for first: supervisord silently ignores a start
+        of a process that has not exited yet, and the new job would be served by the old worker."""
+        name = self.name(gpu)
+        deadline = time.monotonic() + PREDECESSOR_STOP_TIMEOUT_S
+        while (state := self._call("getProcessInfo", name)["statename"]) not in GONE_STATES:
+            if time.monotonic() > deadline:
+                raise ProgramStuck(f"{name} is still {state} after {PREDECESSOR_STOP_TIMEOUT_S:g} s")
+            if state != "STOPPING":
+                self.stop(gpu)
+            time.sleep(POLL_INTERVAL_S)
         try:
             # wait=False: the worker imports torch for seconds; the front's connect waits instead.
-            self._call("startProcess", self.name(gpu), False)
+            self._call("startProcess", name, False)
         except xmlrpc.client.Fault as e:
             if e.faultCode != Faults.ALREADY_STARTED:
                 raise
 
     def stop(self, gpu: int):
+        """Send the worker SIGTERM and return: a worker may take seconds to exit (supervisord
+        escalates to SIGKILL), and the agent must not stop serving and heartbeating meanwhile."""
         try:
-            self._call("stopProcess", self.name(gpu), True)
+            self._call("stopProcess", self.name(gpu), False)
         except xmlrpc.client.Fault as e:
             if e.faultCode != Faults.NOT_RUNNING:
                 raise

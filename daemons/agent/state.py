@@ -19,6 +19,9 @@ class GpuBusy(Exception):
 class Slot:
     job_id: int
     state: str = "starting"    # last supervisor state seen, lower-cased for the wire
+    # False between the claim and the start request: until then supervisor's table still shows
+    # the GPU's previous worker, whose exit is not this job's.
+    started: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class AgentState:
             return False
         raise GpuBusy(f"gpu {gpu} runs a worker of job {slot.job_id}")
 
+    def started(self, gpu: int):
+        """The worker of a claimed GPU was asked to start: from now on its exit is a crash."""
+        self.slots[gpu].started = True
+
     def release(self, gpu: int, job_id: int) -> bool:
         """Unbind ``gpu`` from ``job_id``. True when its worker must be stopped (it is not
         another job's). Unbinding first means the coming exit is not reported as a crash."""
@@ -71,7 +78,7 @@ class AgentState:
         exits = []
         for gpu, slot in list(self.slots.items()):
             prog = programs.get(gpu)
-            if prog is None:
+            if prog is None or not slot.started:
                 continue
             if prog.state in EXITED_STATES or prog.state == "STOPPED":
                 exits.append(_exit_of(gpu, slot.job_id, prog))

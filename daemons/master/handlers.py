@@ -329,18 +329,21 @@ class Master:
     def heartbeat_node(self, body):
         name = field(body, "node", str)
         telemetry = field(body, "gpus", list, [])
-        if self.store.node(name) is None:
+        workers = field(body, "workers", list, [])
+        node = self.store.node(name)
+        if node is None:
             raise wire.RequestError("not_found", f"node {name} is not registered; send register_node first")
+        now = self.clock()
         with self.store.tx():
-            self.store.node_seen(name, [g for g in telemetry if isinstance(g, dict)], self.clock())
+            self.store.node_seen(name, [g for g in telemetry if isinstance(g, dict)], now)
+        self.jobs.stop_strays(node, workers, now)
         return {}
 
     def report_worker_exit(self, body):
         job = self.store.job(field(body, "job_id", int))
         if job is not None:
             self.jobs.worker_exited(job, field(body, "node", str), field(body, "gpu", int),
-                                    field(body, "exit_code", int, None), field(body, "reason", str, "unknown"),
-                                    self.clock())
+                                    field(body, "reason", str, "unknown"), self.clock())
         return {}
 
     # --- admin handlers ---------------------------------------------------------------------------

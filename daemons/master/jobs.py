@@ -55,8 +55,8 @@ class JobManager:
         cluster = self.registered_gpus()
         if flavor.gpus > cluster:
             raise wire.RequestError(
-                "too_large", f"device {device['id']} ({flavor.name}) needs {flavor.gpus} GPUs but the "
-                f"whole cluster has {cluster}; pick a smaller size with `moreh-switch-model`")
+                "too_large", f"device {device['id']} ({flavor.name}) needs {scheduler.gpus(flavor.gpus)} but "
+                f"the whole cluster has {cluster}; pick a smaller size with `moreh-switch-model`")
         with self.store.tx():
             job_id = self.store.add_job(token, device["id"], flavor.number, flavor.gpus, pid,
                                         process_name, hostname, secrets.token_hex(16), now)
@@ -108,7 +108,7 @@ class JobManager:
                 with self.store.tx():
                     # The front was blocked in allocate_job: its heartbeat clock starts now.
                     self.store.update_job(job_id, state="running", workers=workers, last_heartbeat=now,
-                                          message=f"running on {len(workers)} GPUs ({', '.join(node_names)})")
+                                          message=f"running on {scheduler.gpus(len(workers))} ({', '.join(node_names)})")
             resolved.append(self.store.job(job_id))
         return resolved
 
@@ -148,12 +148,30 @@ class JobManager:
         for job in self.store.jobs(("starting",)):
             self.end(job, "failed", "master restarted while the workers were starting", now)
 
-    def worker_exited(self, job: dict, node: str, gpu: int, exit_code, reason: str, now: float):
+    def stop_strays(self, node: dict, reported: list, now: float):
+        """Stop the workers an agent reports that no live job holds: a job that ended while its
+        agent was unreachable (lost node, agent restart) never got its stop request through, and
+        its worker would keep the GPU forever."""
+        held = {(w["gpu"], j["id"]) for j in self.store.jobs(HOLDING_STATES) for w in j["workers"]
+                if w["node"] == node["name"]}
+        for w in reported:
+            gpu, job_id = (w.get("gpu"), w.get("job_id")) if isinstance(w, dict) else (None, None)
+            if type(gpu) is not int or type(job_id) is not int or (gpu, job_id) in held:
+                continue
+            job = self.store.job(job_id)
+            if job and job["ended"] is not None and now - job["ended"] < self.settings.heartbeat_timeout_s:
+                continue  # just ended: the stop request end() sent is still on its way
+            log.warning("node %s still runs a worker of job %s on gpu %s: stopping it",
+                        node["name"], job_id, gpu)
+            self.agents.stop(node["name"], node["agent_addr"], job_id, gpu)
+
+    def worker_exited(self, job: dict, node: str, gpu: int, reason: str, now: float):
         if job["state"] not in HOLDING_STATES:
             return  # the master stopped it itself, or the job already ended for another reason
         if not any(w["node"] == node and w["gpu"] == gpu for w in job["workers"]):
             return
-        self.end(job, "failed", f"worker on {node}:{gpu} exited with code {exit_code}: {reason}", now)
+        # The agent's reason names the worker's exit status or signal; the job's exit_code is the front's.
+        self.end(job, "failed", f"worker on {node}:{gpu} failed: {reason}", now)
 
 
 def _gpu_memory(node: dict, gpu: int) -> int:

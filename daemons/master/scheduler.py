@@ -63,6 +63,10 @@ def serve_queue(free: FreeGpus, waiting: list[tuple[int, int]]) -> list[tuple[in
     return served
 
 
+def gpus(count: int) -> str:
+    """``"1 GPU"``, ``"4 GPUs"``: for messages users read."""
+    return f"{count} GPU" if count == 1 else f"{count} GPUs"
+
+
 def queue_message(needed: int, free_total: int, cluster_total: int, position: int) -> str:
-    return (f"waiting for {needed} GPUs ({free_total} free of {cluster_total}); "
-            f"position {position} in queue")
+    return f"waiting for {gpus(needed)} ({free_total} free of {cluster_total}); position {position} in queue"

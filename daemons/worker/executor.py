@@ -7,8 +7,15 @@ the first failure is held, later records of the stream are skipped (their inputs
 and the next ``sync`` or ``fetch`` reports it, naming the op, like an asynchronous CUDA error.
 
 Memory: on a CPU worker the cap is enforced here by counting the bytes of the live, unique
-storages of the table after every op; on a GPU the CUDA caching allocator enforces it
-(``set_per_process_memory_fraction``) and its real out-of-memory error is reported.
+storages of the table after every op (allocations are refused before they happen, so a huge
+``torch.empty`` never reaches the host's allocator); on a GPU the CUDA caching allocator enforces
+it (``set_per_process_memory_fraction``) and its real out-of-memory error is reported.
+
+Where SPMD plugs in (daemons/worker/spmd.py, owned with automatic parallelism): for
+``world_size > 1`` main.py builds ``SpmdExecutor``, a subclass keeping this table, these handlers
+and the held-error rules, and overriding only what touches tensor placement: ``put``, ``_op``
+(the callable an op name resolves to), ``fetch``, ``free`` and the memory meter. Keep those
+seams stable. With ``world_size == 1`` nothing of spmd is imported and ops run locally.
 """
 from __future__ import annotations
 
@@ -21,11 +28,21 @@ from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
 
+# Fronts name their virtual device "moai" (offload/device.py) in op arguments (``device=``); the
+# name must parse when a record is decoded here, where any device then means this worker's own.
+FRONT_DEVICE_TYPE = "moai"
+if torch._C._get_privateuse1_backend_name() != FRONT_DEVICE_TYPE:
+    torch.utils.rename_privateuse1_backend(FRONT_DEVICE_TYPE)
+
 # Only operator libraries made of plain tensor math may be named by a front; anything else
 # (custom C++ ops, torch.ops.profiler ...) is refused rather than looked up.
 ALLOWED_NAMESPACES = ("aten", "prims")
 # Pseudo-ops the front sends inside the stream, so they keep their order relative to real ops.
-SEED_OP = "moai::manual_seed"
+SEED_OP = "moai::manual_seed"                 # args [seed]
+GET_RNG_STATE_OP = "moai::get_rng_state"      # out: a fresh id for the generator state
+SET_RNG_STATE_OP = "moai::set_rng_state"      # args [RemoteRef(state)]
+# Allocations whose size is known from their arguments: checked against the cap before they run.
+_EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
 
 
 class OpError(Exception):
@@ -175,21 +192,36 @@ class Executor:
         if name == SEED_OP:
             torch.manual_seed(int(args[0]))
             return
+        if name == GET_RNG_STATE_OP:
+            self._store(out, torch.get_rng_state())
+            return
+        if name == SET_RNG_STATE_OP:
+            torch.set_rng_state(self._resolve(args[0]).cpu())
+            return
         op = self._op(name)
+        args, kwargs = self._resolve(args), self._resolve(kwargs or {})
+        if name in _EMPTY_OPS and not self.on_gpu:
+            self._check_cap(name, seq, _allocation_bytes(name, args, kwargs))
         try:
-            result = op(*self._resolve(args), **self._resolve(kwargs or {}))
-        except OpError:
-            raise
+            result = op(*args, **kwargs)
         except torch.OutOfMemoryError as e:
             raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: {e}") from None
         except Exception as e:
+            if _host_allocation_failed(e):
+                raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: {e}") from None
             raise OpError("op_failed", f"{name} (op #{seq}) failed: {type(e).__name__}: {e}") from None
+        before = self.meter.allocated
         self._bind_outputs(out, result)
         if not self.on_gpu and self.meter.allocated > self.spec.memory_cap:
+            grown = self.meter.allocated - before
             self._bind_release(out)
-            raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: "
-                                 f"{self.meter.allocated} bytes in use past the cap of "
-                                 f"{self.spec.memory_cap} bytes")
+            self._check_cap(name, seq, grown)
+
+    def _check_cap(self, name: str, seq: int, extra: int):
+        if self.meter.allocated + extra > self.spec.memory_cap:
+            raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: tried to allocate "
+                                 f"{extra} bytes with {self.meter.allocated} bytes in use and a "
+                                 f"cap of {self.spec.memory_cap} bytes")
 
     def _bind_release(self, spec):
         """Undo the outputs of an op that broke the cap, so the memory really comes back."""
@@ -207,7 +239,12 @@ class Executor:
                 except OpError as e:
                     self.error = e
                     log.info("held error: %s", e)
-            self.done_seq = record[0]
+                except Exception as e:  # a malformed record: streamed, so held like any failure
+                    self.error = OpError("op_failed", f"bad op record {str(record)[:200]}: "
+                                                      f"{type(e).__name__}: {e}")
+                    log.warning("held error: %s", self.error)
+            if isinstance(record, list) and record and isinstance(record[0], int):
+                self.done_seq = record[0]
         return wire.NO_REPLY
 
     def _raise_held(self):
@@ -218,8 +255,14 @@ class Executor:
     # --- requests -------------------------------------------------------------------------------
 
     def put(self, msg):
-        t = msg.body["tensor"]
-        self._store(int(msg.body["id"]), t if not self.on_gpu else t.to(self.device, non_blocking=True))
+        t, tid = msg.body["tensor"], int(msg.body["id"])
+        if not self.on_gpu and self.meter.allocated + t.nbytes > self.spec.memory_cap:
+            if self.error is None:  # the upload's bytes are dropped: nothing is held past the cap
+                self.error = OpError("oom", f"upload of tensor #{tid} ran out of device memory: "
+                                            f"{t.nbytes} bytes with {self.meter.allocated} bytes in "
+                                            f"use and a cap of {self.spec.memory_cap} bytes")
+            return wire.NO_REPLY
+        self._store(tid, t if not self.on_gpu else t.to(self.device, non_blocking=True))
         return wire.NO_REPLY
 
     def fetch(self, msg):
@@ -243,7 +286,8 @@ class Executor:
 
     def free(self, msg):
         for tid in msg.body["ids"]:
-            self._drop(int(tid))
+            if isinstance(tid, int):
+                self._drop(tid)
         return wire.NO_REPLY
 
     def _memory(self) -> dict:
@@ -266,3 +310,20 @@ class Executor:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.meter.peak = self.meter.allocated
         return {}
+
+
+def _allocation_bytes(name: str, args: list, kwargs: dict) -> int:
+    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+    size = [int(s) for s in args[0]]
+    if name == "aten::empty_strided":
+        span = 0 if 0 in size else 1 + sum((s - 1) * int(st) for s, st in zip(size, args[1]))
+    else:
+        span = 1
+        for s in size:
+            span *= s
+    return span * torch.empty((), dtype=dtype).element_size()
+
+
+def _host_allocation_failed(e: Exception) -> bool:
+    """The CPU allocator's refusal (an op's temporaries past the host's memory) is an OOM too."""
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)

@@ -18,7 +18,10 @@ log = logging.getLogger("moai.worker")
 
 def build_server(spec: WorkerSpec) -> wire.Server:
     # Imported here: the executor pulls in torch, which the agent (which imports this package) avoids.
-    from daemons.worker.executor import Executor
+    if spec.world_size > 1:
+        from daemons.worker.spmd import SpmdExecutor as Executor
+    else:
+        from daemons.worker.executor import Executor
 
     executor = Executor(spec)
     server: wire.Server

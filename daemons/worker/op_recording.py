@@ -8,10 +8,13 @@ as the front sees them). The run itself is the native reference: tests compare t
 results with the values it computed. The scaling bench uses it to feed workers a real training
 step.
 
-A recording is a list of steps; each step is ``("put", id, tensor, hint)`` for a tensor entering
-the device (``hint`` is the ``put`` body's ``{"kind": "param"|"batch"|...}``) or ``("ops",
-[records])`` or ``("free", [ids])`` when a tensor dies. Tensors the program made outside the recording and then used (constants, Adam's
-step counters) are put on first use with no hint.
+A recording is a list of steps, each one message the front would send: ``("put", id, tensor,
+shard)`` for a tensor entering the device (``shard`` is the ``put`` hint: ``"param"``,
+``"batch"``, ... or None), ``("ops", [records])``, ``("free", [ids])`` when a tensor dies and
+``("fetch", id, value)`` where the program reads a value back (``.item()``; ``value`` is what it
+read natively). Tensors the program made outside the recording and then used (constants, Adam's
+step counters) are put on first use with no hint. ``manual_seed`` seeds both the native run and
+the recorded stream, so random ops draw the same numbers on both sides.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons.wire import RemoteRef
+
+# The executor's seed pseudo-op (docs/PROTOCOL.md). Not imported from executor.py: importing it
+# renames PrivateUse1 to the front's device, after which torch.optim's accelerator check fails
+# in this process, which runs the program natively.
+SEED_OP = "moai::manual_seed"
 
 # ``.item()`` / ``.tolist()``: the front answers these with a fetch, never as a streamed op.
 FETCH_OPS = {torch.ops.aten._local_scalar_dense.default}
@@ -43,8 +51,12 @@ class OpRecorder(TorchDispatchMode):
         self._track(tensor, tid)
         with _disable_current_modes():   # the copy is not an op of the program
             copy = tensor.detach().clone()
-        self.steps.append(("put", tid, copy, {"kind": kind} if kind else {}))
+        self.steps.append(("put", tid, copy, kind))
         return tid
+
+    def manual_seed(self, seed: int):
+        torch.manual_seed(seed)
+        self._append([next(self._seq), SEED_OP, [seed], {}, None])
 
     def _track(self, tensor: torch.Tensor, tid: int):
         # The front frees a handle when its tensor dies; so does the recording. Forgetting the
@@ -82,14 +94,49 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in FETCH_OPS or func.namespace != "aten":   # profiler marks are no device ops
+        if func in FETCH_OPS:
+            value = func(*args, **kwargs)
+            self.steps.append(("fetch", self._ref(args[0]).id, value))
+            return value
+        if func.namespace != "aten":   # profiler marks are no device ops
             return func(*args, **kwargs)
         ref_args, ref_kwargs = tree_map(self._ref, (list(args), kwargs))
         out = func(*args, **kwargs)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        record = [next(self._seq), func.name(), ref_args, ref_kwargs, self._out_ids(out, inputs)]
+        self._append([next(self._seq), func.name(), ref_args, ref_kwargs, self._out_ids(out, inputs)])
+        return out
+
+    def _append(self, record: list):
         if self.steps and self.steps[-1][0] == "ops":
             self.steps[-1][1].append(record)
         else:
             self.steps.append(("ops", [record]))
-        return out
+
+
+def record_mlp_training(*, batch: int, features: int = 16, hidden: int = 32, classes: int = 4,
+                        steps: int = 3, seed: int = 0):
+    """The reference workload of tests/parallel and the scaling bench, recorded.
+
+    An MLP with dropout trained with Adam on one batch, as a user would write it for one device;
+    the loss is read with ``.item()`` every step. Returns the recorder and the natively trained
+    model (its parameters' handles are ``recorder.handle(p)``).
+    """
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.1), torch.nn.Linear(hidden, classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(batch, features), torch.randint(0, classes, (batch,))
+    recorder = OpRecorder()
+    with recorder:
+        for p in model.parameters():
+            recorder.put(p, "param")
+        recorder.put(x, "batch")
+        recorder.put(y, "batch")
+        recorder.manual_seed(seed + 1)   # dropout draws from the device's generator
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            loss.item()
+    return recorder, model

@@ -1,13 +1,15 @@
 """Where each tensor of a multi-worker job lives: the placement rule of automatic parallelism.
 
-The front marks every upload (``put``) with a hint, ``{"kind": "param" | "buffer" | "batch"}``
-(no hint: an ordinary tensor). From that and the worker's memory cap this module decides the
-DTensor placement on the job's 1-D mesh of N workers:
+The front marks uploads (``put``) with a hint, the body's ``shard``: ``"param" | "buffer" |
+"batch"`` (absent: an ordinary tensor). From that and the worker's memory cap this module decides
+the DTensor placement on the job's 1-D mesh of N workers:
 
 - ``batch``: ``Shard(0)``, the batch is split over the workers (uneven splits allowed: rank r gets
   ``torch.chunk``'s r-th piece). Data parallelism.
 - ``param``: ``Replicate()`` while the model fits, else ``Shard(0)`` (ZeRO-3 / FSDP style).
-- ``buffer`` and unhinted tensors: ``Replicate()``; 0-d tensors are always replicated.
+- ``buffer``, unhinted tensors and unknown hints: ``Replicate()``; so are tensors whose dim 0 is
+  shorter than the mesh (0-d included). A hint changes where bytes live, never a result (spmd.py), so an unknown one is
+  ignored rather than refused.
 
 The memory rule. Training with Adam(W) holds four tensors per parameter on every worker that
 replicates it: the parameter, its gradient and the two moments. With ``P`` the bytes of all
@@ -19,8 +21,8 @@ i.e. when replicated parameters + gradients + optimizer state would leave less t
 ``ACTIVATION_RESERVE`` of the cap for activations. The decision is taken at the upload that
 crosses the line; parameters uploaded before it are re-placed then (every worker sees the same
 uploads in the same order, so all take the decision at the same point of the stream). Nothing
-else is needed for ZeRO-3: gradients of a ``Shard(0)`` parameter are reduce-scattered into
-``Shard(0)`` when the optimizer updates it in place, optimizer state made with ``zeros_like`` is
+else is needed for ZeRO-3: a gradient (a ``Partial`` result) is reduce-scattered into the
+placement of a parameter of its shape when produced (spmd.py), optimizer state made with ``zeros_like`` is
 born ``Shard(0)``, and a parameter is all-gathered by DTensor where an op needs it whole.
 """
 from __future__ import annotations
@@ -31,8 +33,6 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 ADAM_STATE_FACTOR = 4
 # Share of the memory cap kept for activations and temporaries when deciding to shard.
 ACTIVATION_RESERVE = 0.25
-
-KINDS = ("param", "buffer", "batch")
 
 
 class PlacementPolicy:
@@ -46,8 +46,6 @@ class PlacementPolicy:
 
     def admit(self, kind: str | None, nbytes: int) -> bool:
         """Account one upload; True when it is the one that switches parameters to sharded."""
-        if kind not in (None, *KINDS):
-            raise ValueError(f"unknown put hint kind {kind!r} (expected one of {KINDS})")
         if kind != "param" or self.shard_params or self.world_size == 1:
             return False
         self.param_bytes += nbytes
@@ -55,8 +53,10 @@ class PlacementPolicy:
         self.shard_params = ADAM_STATE_FACTOR * self.param_bytes > budget
         return self.shard_params
 
-    def placement(self, kind: str | None, ndim: int) -> Placement:
-        if ndim == 0:
+    def placement(self, kind: str | None, shape) -> Placement:
+        # A dim 0 shorter than the mesh is not split: ranks would hold empty pieces, and a view
+        # that drops the dim (a [1, n] bias gradient viewed as [n]) could not stay local.
+        if len(shape) == 0 or shape[0] < self.world_size:
             return Replicate()
         if kind == "batch" or (kind == "param" and self.shard_params):
             return Shard(0)

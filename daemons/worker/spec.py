@@ -18,6 +18,7 @@ class WorkerSpec:
     bind: str                 # tcp://host:port this worker serves
     device: str = "cpu"       # "cuda:<i>" on a GPU node
     threads: int = 1          # torch intra-op threads (CPU workers)
+    collective_timeout_s: float = 300.0  # a peer silent this long in a collective fails the job
 
     def save(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,35 +1,32 @@
 """SPMD execution of one job's op stream on N workers: the worker side of automatic parallelism.
 
-Every worker of a job receives the same op stream (docs/PROTOCOL.md, SPMD) and runs it on
-DTensors over a 1-D DeviceMesh of the job's workers; DTensor does the sharding propagation and
-the collectives. Batch inputs are ``Shard(0)`` and parameters ``Replicate()`` (data parallel), or
-``Shard(0)`` when memory is short (ZeRO-3); the rule is in ``placement.py``. Gradients of
-replicated parameters come out ``Partial`` and DTensor reduces them where they are used.
+Every worker of a job receives the same op stream (docs/PROTOCOL.md, Worker) and runs it on
+DTensors over a 1-D DeviceMesh of the job's workers; DTensor does the sharding propagation and the
+collectives. A DTensor always means its *global* value, so the placement of a tensor decides only
+where its bytes live and what moves, never the numbers: that is why a wrong or missing upload hint
+costs speed, not correctness. The rules (docs/PARALLELISM.md):
 
-The seam with the executor (``Executor`` builds one ``SpmdBackend`` when ``world_size > 1``):
+- uploads are placed by ``placement.py``: batches ``Shard(0)``, parameters ``Replicate()`` (or
+  ``Shard(0)`` once replicated training state would not fit: ZeRO-3);
+- a ``Partial`` result (a gradient summed over the local batch, a loss summed over it) is reduced
+  at once into the placement a parameter of its shape has: all-reduce while parameters are
+  replicated, reduce-scatter when they are sharded. Reducing when produced, like DDP, keeps every
+  later reader (Adam reads each gradient three times) from reducing it again;
+- random ops run on whole tensors on every worker: the workers share the seed, so each draws the
+  numbers one device would have drawn and keeps its own slice;
+- an op DTensor has no sharding rule for runs on whole tensors (its inputs are all-gathered); its
+  results take the placement of an input of the same shape, else ``Replicate()``.
 
-    backend = SpmdBackend(spec)                 # joins the process group, builds the mesh
-    table.update(backend.put(id, tensor, hint)) # upload; may re-place earlier params (see
-                                                #   placement.py), hence a dict of entries
-    out = backend.run(op, args, kwargs)         # args hold the table's DTensors; store the
-                                                #   outputs by the record's out ids (an in-place
-                                                #   op returns its input object)
-    full = backend.full_tensor(t)               # every rank calls it (fetch is in the stream);
-                                                #   rank 0's reply carries the data
-    backend.local(t)                            # this worker's shard, for memory accounting
-    backend.forget(ids)                         # on free
-    backend.close()
-
-Every tensor the backend hands out is a DTensor on the job's mesh, so ops never mix DTensors
-with plain tensors. An op DTensor cannot shard (no sharding strategy) falls back: its inputs are
-made whole, it runs locally on every worker, and its outputs are ``Replicate()`` (an in-place
-output is written back into its input in the input's own placement). Correct, but it costs
-an all-gather and leaves replicated work; ``fallbacks`` counts them by op name.
+``SpmdExecutor`` is the executor of a job with ``world_size > 1`` (main.py picks it): it reuses the
+single-worker ``Executor`` and changes only where a tensor comes from (``put``), how an op runs
+(``_op``), how a result leaves (``fetch``: a collective every rank joins, rank 0 carries the data)
+and what memory counts (this worker's shards).
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,10 +34,24 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.utils._pytree import tree_flatten, tree_map
 
+from daemons import wire
+from daemons.worker.executor import SET_RNG_STATE_OP, Executor, MemoryMeter
 from daemons.worker.placement import PlacementPolicy
 from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.spmd")
+
+
+aten = torch.ops.aten
+# In-place random ops that overwrite every element of their first argument without reading it.
+RANDOM_FILLS = frozenset((aten.bernoulli_.float, aten.uniform_.default, aten.normal_.default,
+                          aten.exponential_.default, aten.geometric_.default,
+                          aten.log_normal_.default, aten.cauchy_.default, aten.random_.default,
+                          getattr(aten.random_, "from"), aten.random_.to))
+
+
+class GroupBroken(RuntimeError):
+    """A collective failed: a peer died or stopped answering; the job cannot go on."""
 
 
 class SpmdBackend:
@@ -48,32 +59,33 @@ class SpmdBackend:
 
     def __init__(self, spec: WorkerSpec):
         self.device = torch.device(spec.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if self.device.type == "cuda":
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
             torch.cuda.set_device(self.device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=spec.rendezvous, rank=spec.rank,
-                                    world_size=spec.world_size)
+        # The timeout bounds how long a worker waits in a collective for a peer that hangs; a
+        # peer that dies is noticed at once (its connections close).
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=spec.rendezvous,
+                                rank=spec.rank, world_size=spec.world_size,
+                                timeout=timedelta(seconds=spec.collective_timeout_s))
         self.mesh = init_device_mesh(self.device.type, (spec.world_size,))
         self.policy = PlacementPolicy(spec.world_size, spec.memory_cap)
         self.fallbacks: Counter[str] = Counter()
-        self._params: dict[int, DTensor] = {}   # uploads hinted "param": re-placed on a switch
+        self.broken: str | None = None
+        self._params: dict[int, DTensor] = {}   # replicated params, re-placed if ZeRO switches on
 
     # --- uploads ----------------------------------------------------------------------------------
-    def put(self, tid: int, tensor: torch.Tensor, hint: dict | None = None) -> dict[int, DTensor]:
-        """Place an upload (the same full tensor arrives at every rank); returns table entries."""
-        kind = (hint or {}).get("kind")
+    def place(self, tid: int, tensor: torch.Tensor, kind: str | None) -> dict[int, DTensor]:
+        """Place an upload (every rank receives the same whole tensor); returns table entries."""
         switched = self.policy.admit(kind, tensor.numel() * tensor.element_size())
-        placement = self.policy.placement(kind, tensor.dim())
-        placed = self._slice(tensor.to(self.device), placement)
-        entries = {tid: placed}
+        entries = {tid: self._slice(tensor, self.policy.placement(kind, tensor.shape))}
         if switched:
             log.info("parameters (%d bytes) exceed the replicated budget: sharding them (ZeRO-3)",
                      self.policy.param_bytes)
             for pid, param in self._params.items():
-                entries[pid] = param.redistribute(self.mesh, [self.policy.placement(kind, param.dim())])
-        if kind == "param":
-            self._params.update((pid, entries[pid]) for pid in entries)
+                entries[pid] = param.redistribute(self.mesh, [self.policy.placement(kind, param.shape)])
+            self._params.clear()
+        elif kind == "param" and not self.policy.shard_params:
+            self._params[tid] = entries[tid]
         return entries
 
     def forget(self, ids):
@@ -81,7 +93,7 @@ class SpmdBackend:
             self._params.pop(tid, None)
 
     def _slice(self, full: torch.Tensor, placement) -> DTensor:
-        # Every rank holds the same full tensor: cutting out this rank's piece needs no traffic.
+        # Every rank holds the same whole tensor: cutting out this rank's piece needs no traffic.
         return self._replicated(full).redistribute(self.mesh, [placement])
 
     def _replicated(self, t):
@@ -90,54 +102,151 @@ class SpmdBackend:
         return t
 
     # --- ops --------------------------------------------------------------------------------------
-    def run(self, op, args, kwargs):
-        """Run one aten op on DTensor arguments; falls back to whole tensors where DTensor can't."""
-        args, kwargs = tree_map(self._replicated, (tuple(args), kwargs))
+    def call(self, op, *args, **kwargs):
+        """Run one aten op with the global semantics of one device (module docstring)."""
+        return self._guarded(self._call, op, args, kwargs)
+
+    def _call(self, op, args, kwargs):
+        args, kwargs = tree_map(self._replicated, (args, kwargs))
         if not any(isinstance(t, DTensor) for t in tree_flatten((args, kwargs))[0]):
-            return tree_map(self._replicated, op(*args, **kwargs))   # factories: arange, zeros...
-        try:
-            return op(*args, **kwargs)
-        except NotImplementedError as exc:
-            self.fallbacks[op.name()] += 1
-            log.debug("no sharding for %s, running it on whole tensors: %s", op.name(), exc)
+            return tree_map(self._replicated, op(*args, **kwargs))   # factories: arange, randn...
+        if torch.Tag.nondeterministic_seeded in op.tags:
             return self._run_whole(op, args, kwargs)
+        try:
+            out = op(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except (NotImplementedError, RuntimeError) as exc:
+            # No sharding rule, or one DTensor refuses without moving data first (a view across
+            # the sharded dim). A genuine error of the op fails again on whole tensors, with the
+            # message one device would give.
+            self.fallbacks[op.name()] += 1
+            log.debug("%s runs on whole tensors: %s", op.name(), exc)
+            return self._run_whole(op, args, kwargs)
+        return tree_map(self._reduce_partial, out)
+
+    def _guarded(self, fn, *args):
+        """``fn(*args)``; a failure that leaves the group short of a worker breaks the job for good."""
+        if self.broken:
+            raise GroupBroken(self.broken)
+        try:
+            return fn(*args)
+        except Exception as exc:
+            # gloo reports a dead peer as a plain RuntimeError, like any op error: ask the group.
+            # Every rank hits an op's own error at the same record, so a barrier passes then.
+            if self._peers_alive():
+                raise
+            self.broken = f"a worker of the job is gone: a collective failed ({type(exc).__name__}: {exc})"
+            log.error("%s", self.broken)
+            raise GroupBroken(self.broken) from None
+
+    @staticmethod
+    def _peers_alive() -> bool:
+        try:
+            dist.barrier()
+            return True
+        except RuntimeError:
+            return False
+
+    def _reduce_partial(self, t):
+        if isinstance(t, DTensor) and any(p.is_partial() for p in t.placements):
+            return t.redistribute(self.mesh, [self.policy.placement("param", t.shape)])
+        return t
 
     def _run_whole(self, op, args, kwargs):
-        whole: dict[int, DTensor] = {}          # id(full tensor) -> the DTensor it came from
+        sources: dict[int, DTensor] = {}        # id(whole tensor) -> the DTensor it came from
+        shaped: dict[torch.Size, DTensor] = {}  # shape -> an input of that shape
 
         def gather(t):
             if not isinstance(t, DTensor):
                 return t
-            full = t.full_tensor()
-            whole[id(full)] = t
-            return full
+            # A random fill reads nothing of the tensor it writes (dropout's mask buffer): skip
+            # the all-gather, only the shape matters.
+            if op in RANDOM_FILLS and t is args[0]:
+                whole = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            else:
+                whole = t.full_tensor()
+            sources[id(whole)] = t
+            shaped.setdefault(t.shape, t)
+            return whole
 
         out = op(*tree_map(gather, args), **tree_map(gather, kwargs))
 
         def wrap(t):
             if not isinstance(t, torch.Tensor):
                 return t
-            source = whole.get(id(t))
+            source = sources.get(id(t))
             if source is None:
-                return self._replicated(t)
-            # In-place / out= result: write it back into the input, keeping its placement.
+                like = shaped.get(t.shape)
+                return self._slice(t, like.placements[0]) if like is not None else self._replicated(t)
+            # An in-place / out= result: write it back into the input, in the input's placement.
             source.to_local().copy_(self._slice(t, source.placements[0]).to_local())
             return source
         return tree_map(wrap, out)
 
     # --- results ----------------------------------------------------------------------------------
-    @staticmethod
-    def full_tensor(t) -> torch.Tensor:
-        """The whole value (collective: every rank must call it at the same point of the stream)."""
-        return t.full_tensor() if isinstance(t, DTensor) else t
-
-    @staticmethod
-    def local(t) -> torch.Tensor:
-        return t.to_local() if isinstance(t, DTensor) else t
+    def full_tensor(self, t) -> torch.Tensor:
+        """The whole value (a collective: every rank calls it at the same point of the stream)."""
+        return self._guarded(DTensor.full_tensor, t) if isinstance(t, DTensor) else t
 
     def close(self):
         if self.fallbacks:
             log.info("ops run on whole tensors (no sharding rule): %s", dict(self.fallbacks))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This worker's part of a table entry (the entry itself when it is a plain tensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ShardMeter(MemoryMeter):
+    """The memory cap counts the bytes this worker holds: its shards, not global sizes."""
+
+    def add(self, t: torch.Tensor):
+        super().add(local(t))
+
+    def remove(self, t: torch.Tensor):
+        super().remove(local(t))
+
+
+class SpmdExecutor(Executor):
+    """The executor of one rank of a multi-worker job (module docstring)."""
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec)
+        self.meter = ShardMeter()
+        self.backend = SpmdBackend(spec)
+
+    def _run_one(self, record):
+        if record[1] == SET_RNG_STATE_OP:
+            # The uploaded state is a (replicated) DTensor here; the generator takes a plain one.
+            torch.set_rng_state(local(self._resolve(record[2][0])).cpu())
+            return
+        super()._run_one(record)
+
+    def _op(self, name: str):
+        op = super()._op(name)
+        return lambda *args, **kwargs: self.backend.call(op, *args, **kwargs)
+
+    def put(self, msg):
+        body = msg.body
+        for tid, placed in self.backend.place(int(body["id"]), body["tensor"], body.get("shard")).items():
+            self._store(tid, placed)
+        return wire.NO_REPLY
+
+    def fetch(self, msg):
+        entry = super().fetch(msg)["tensor"]
+        try:
+            whole = self.backend.full_tensor(entry)
+        except GroupBroken as exc:
+            raise wire.RequestError("op_failed", f"fetch of tensor #{msg.body['id']}: {exc}") from None
+        return {"tensor": whole if self.spec.rank == 0 else None}
+
+    def free(self, msg):
+        self.backend.forget(int(tid) for tid in msg.body["ids"])
+        return super().free(msg)
+
+    def close(self):
+        super().close()
+        self.backend.close()

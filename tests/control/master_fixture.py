@@ -126,6 +126,7 @@ class FakeNode:
         self.fail_launch = fail_launch
         self.launched: list[dict] = []
         self.stopped: list[dict] = []
+        self.workers: list[dict] = []          # what its heartbeats say runs on it
         self.agent = wire.Server("tcp://127.0.0.1:0", {"launch_worker": self._launch, "stop_worker": self._stop},
                                  name=f"agent-{name}")
         self._agent_thread = threading.Thread(target=self.agent.serve_forever, daemon=True)
@@ -169,8 +170,8 @@ class FakeNode:
         try:
             while self._beating.is_set():
                 try:
-                    cluster.call("heartbeat_node", {"node": self.name, "gpus": self.telemetry(), "workers": []},
-                                  timeout_s=1.0)
+                    cluster.call("heartbeat_node", {"node": self.name, "gpus": self.telemetry(),
+                                                    "workers": self.workers}, timeout_s=1.0)
                 except wire.WireError:
                     pass  # the master is being restarted by the test
                 time.sleep(NODE_HEARTBEAT_INTERVAL_S)

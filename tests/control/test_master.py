@@ -190,6 +190,17 @@ def test_worker_exit_fails_the_job_with_the_reason(user, master, make_node):
     assert status["state"] == "failed" and "killed by the OOM killer" in status["message"]
 
 
+def test_workers_no_live_job_holds_are_stopped_through_their_agent(user, make_node):
+    _, c = user
+    node = make_node("n1", 2)
+    live = allocate(c)
+    gpu = c.call("job_status", {"job_id": live["job_id"]})["workers"][0]["gpu"]
+    node.workers = [{"gpu": gpu, "job_id": live["job_id"], "state": "running"},
+                    {"gpu": 1 - gpu, "job_id": 999, "state": "running"}]
+    wait_until(lambda: {"job_id": 999, "gpu": 1 - gpu} in node.stopped, 5, "the stray worker to be stopped")
+    assert all(s["job_id"] == 999 for s in node.stopped), "a live job's worker is left alone"
+
+
 def test_master_killed_and_restarted_loses_nothing(master, make_node):
     node = make_node("n1", 4)
     alice = master.create_token("alice")

@@ -48,3 +48,4 @@ def test_queue_is_first_come_first_served_without_overtaking():
 
 def test_queue_message_names_need_free_total_and_position():
     assert queue_message(4, 2, 8, 1) == "waiting for 4 GPUs (2 free of 8); position 1 in queue"
+    assert queue_message(1, 0, 2, 3) == "waiting for 1 GPU (0 free of 2); position 3 in queue"

@@ -1,0 +1,30 @@
+"""Switch the offload layer on in this process: from here on ``cuda:0`` is the virtual device.
+
+Called by offload/autostart.py right after ``import torch`` (the ``.pth`` hook or ``moai run``).
+Every step only patches or registers things inside torch; the session connects to the master on
+the first operation that needs the device, so a program that never touches ``cuda`` holds no GPU
+and opens no socket.
+"""
+from __future__ import annotations
+
+from offload import autocast, cuda_facade, device, device_mapping, serialization
+
+_active = False
+
+
+def activate():
+    """Idempotent: the second and later calls change nothing."""
+    global _active
+    if _active:
+        return
+    # The device must exist before the patches below name it (map_device, autocast's backend).
+    device.register()
+    device_mapping.install()
+    cuda_facade.install()
+    autocast.install()
+    serialization.install()
+    _active = True
+
+
+def is_active() -> bool:
+    return _active

@@ -1,0 +1,241 @@
+"""The data plane of a job: the op stream to its workers, uploads, downloads and queries.
+
+Op records are appended to a batch and leave as one ``run_ops`` message when the batch is full or
+before anything that must see their effect (fetch, sync, put, a query), so the front never waits
+on the network per op. Every message goes to every worker (SPMD: all ranks run the same stream);
+a request's answer is checked on each rank and the data comes from rank 0. Ids the garbage
+collector frees are only appended to a list (safe at any point GC runs) and leave as one ``free``
+after the batch that may still use them.
+
+Waits are sliced: between slices the stream checks that the workers are still there (a closed
+connection to one of them, or the job failed by the master), so a lost worker is an error, never
+a hang, while a long but healthy computation may take as long as it needs.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Callable
+
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from daemons import wire
+
+# A batch leaves when the next record finds it this full or this old (docs/PERFORMANCE.md): the
+# age bound lets the workers compute while the front is still tracing a step, the count bound
+# caps a message.
+BATCH_RECORDS = 256
+BATCH_AGE_S = 0.002
+WAIT_SLICE_S = 0.2                  # liveness is checked this often while waiting on a worker
+HELLO_TIMEOUT_S = 60.0
+EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
+
+
+class DeviceLostError(RuntimeError):
+    """The job's workers are gone (a worker died, a node was lost, the master ended the job)."""
+
+
+def remote_exception(e: wire.RemoteError) -> Exception:
+    """The exception a CUDA program would see for a worker's error reply."""
+    if e.code == "oom":
+        return torch.OutOfMemoryError(f"CUDA out of memory (virtual device cuda:0). {e.message}")
+    return RuntimeError(f"CUDA error on the virtual device cuda:0 ({e.code}): {e.message}\n"
+                        "Device errors are reported asynchronously: the op named above may not be "
+                        "the one that the Python traceback points at.")
+
+
+class Stream:
+    """Connections to one job's workers, in rank order, carrying its op stream."""
+
+    def __init__(self, addresses: list[str], secret: str, *,
+                 failure: Callable[[float], str | None] = lambda wait_s: None):
+        """``failure(wait_s)`` says why the job ended (None: it did not), waiting up to ``wait_s``
+        for the master to learn of it; it turns a lost connection into a message naming the cause."""
+        self.addresses = addresses
+        self.failure = failure
+        self.lost: str | None = None
+        self.seq = 0
+        self._ids = itertools.count(1)
+        self._batch: list = []
+        self._batch_started = 0.0
+        self._freed: list[int] = []
+        self._lock = threading.RLock()
+        self._closed = False
+        self.clients = [wire.Client(a, secret, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
+                        for a in addresses]
+        self._monitors = []
+        for c in self.clients:
+            c.sock.setsockopt(zmq.SNDTIMEO, int(WAIT_SLICE_S * 1000))
+            self._monitors.append(c.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+        self.workers = [self.wait(rank, c.send("hello"), "hello", HELLO_TIMEOUT_S)
+                        for rank, c in enumerate(self.clients)]
+        for rank, info in enumerate(self.workers):
+            if info["rank"] != rank or info["world_size"] != len(addresses):
+                raise RuntimeError(f"worker at {addresses[rank]} says it is rank {info['rank']} of "
+                                   f"{info['world_size']}, expected rank {rank} of {len(addresses)}")
+
+    @property
+    def memory_cap(self) -> int:
+        return sum(int(w["memory_cap"]) for w in self.workers)
+
+    # --- the stream --------------------------------------------------------------------------
+    def new_id(self) -> int:
+        return next(self._ids)  # atomic under the GIL: no lock on the per-op path
+
+    def enqueue(self, op: str, args, kwargs, out):
+        with self._lock:
+            # Checked before appending: the newest record stays, so that an upload right after
+            # its allocation can still withdraw it (drop_fresh_allocation).
+            if self._batch and (len(self._batch) >= BATCH_RECORDS
+                                or time.perf_counter() - self._batch_started >= BATCH_AGE_S):
+                self.flush()
+            if not self._batch:
+                self._batch_started = time.perf_counter()
+            self.seq += 1
+            self._batch.append([self.seq, op, list(args), kwargs, out])
+
+    def release_id(self, tid: int):
+        self._freed.append(tid)
+
+    def drop_fresh_allocation(self, tid: int) -> bool:
+        """Withdraw the not yet sent ``empty`` that created ``tid``, if it is the last record."""
+        with self._lock:
+            if self._batch and self._batch[-1][4] == tid and self._batch[-1][1] in EMPTY_OPS:
+                self._batch.pop()
+                self.seq -= 1
+                return True
+            return False
+
+    def flush(self):
+        with self._lock:
+            self._check_alive()
+            if self._batch:
+                batch, self._batch = self._batch, []
+                self._send_all("run_ops", {"ops": batch})
+            n = len(self._freed)
+            if n:
+                # Appends racing with this (GC, other threads) land past n and stay for next time.
+                freed = self._freed[:n]
+                del self._freed[:n]
+                self._send_all("free", {"ids": freed})
+
+    # --- transfers and queries ---------------------------------------------------------------
+    def put(self, tid: int, tensor: torch.Tensor, wait_sent: bool):
+        """Upload ``tensor`` as ``tid`` on every worker, without copying it on the front.
+
+        ``wait_sent`` returns only when zmq has let go of its buffer (the caller may then change
+        it, as after a blocking host-to-device copy); otherwise the buffer is kept alive by the
+        message and must not change until the next sync, like a ``non_blocking`` copy's.
+        """
+        tensor = tensor.detach().resolve_conj().resolve_neg()
+        with self._lock:
+            self.flush()
+            body = {"id": tid, "tensor": tensor}
+            trackers = [self._send(rank, "put", body, track=wait_sent)
+                        for rank in range(len(self.clients))]
+        for tracker in trackers if wait_sent else ():
+            while True:
+                try:
+                    tracker.wait(WAIT_SLICE_S)
+                    break
+                except zmq.NotDone:
+                    self._check_alive()
+
+    def fetch(self, tid: int) -> torch.Tensor:
+        return self.request("fetch", {"id": tid, "seq": self.seq})[0]["tensor"]
+
+    def describe(self, ids: list[int]) -> list[tuple]:
+        return [tuple(d) for d in self.request("describe", {"ids": ids})[0]["tensors"]]
+
+    def sync(self) -> list[dict]:
+        return self.request("sync", {"seq": self.seq})
+
+    def request(self, msg_type: str, body: dict) -> list:
+        """Send to every worker after the pending stream, then check every reply (rank order)."""
+        with self._lock:
+            self.flush()
+            ids = [self._send(rank, msg_type, body) for rank in range(len(self.clients))]
+            return [self.wait(rank, msg_id, msg_type) for rank, msg_id in enumerate(ids)]
+
+    # --- transport ---------------------------------------------------------------------------
+    def _send_all(self, msg_type: str, body):
+        for rank in range(len(self.clients)):
+            self._send(rank, msg_type, body)
+
+    def _send(self, rank: int, msg_type: str, body, track: bool = False):
+        client = self.clients[rank]
+        while True:  # blocks only while the worker's queue is full: a slow worker, or a dead one
+            try:
+                return client.send_tracked(msg_type, body)[1] if track else client.send(msg_type, body)
+            except zmq.Again:
+                self._check_alive()
+
+    def wait(self, rank: int, msg_id: int, what: str, timeout_s: float | None = None):
+        waited = 0.0
+        while True:
+            try:
+                return self.clients[rank].wait(msg_id, WAIT_SLICE_S, abandon=False)
+            except wire.TransportTimeout:
+                self._check_alive()
+                waited += WAIT_SLICE_S
+                if timeout_s is not None and waited >= timeout_s:
+                    raise DeviceLostError(f"worker rank {rank} at {self.addresses[rank]} did not "
+                                          f"answer {what!r} within {timeout_s:g} s") from None
+            except wire.RemoteError as e:
+                raise remote_exception(e) from None
+
+    def _check_alive(self):
+        if self.lost is None:
+            for rank, monitor in enumerate(self._monitors):
+                while monitor.poll(0):
+                    if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                        why = self.failure(3.0)
+                        self.lost = why or (f"the connection to worker rank {rank} at "
+                                            f"{self.addresses[rank]} closed (its process exited)")
+            if self.lost is None:
+                self.lost = self.failure(0.0)
+        if self.lost is not None:
+            raise DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {self.lost}")
+
+    def close(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for c in self.clients:
+                c.sock.disable_monitor()
+                c.close()
+            for m in self._monitors:
+                m.close(linger=0)
+
+
+class MemoryProbe:
+    """The workers' memory figures for the heartbeat thread, asked on its own connections so that
+    it never waits behind the op stream: each call collects the last answers and asks again."""
+
+    def __init__(self, addresses: list[str], secret: str):
+        self.clients = [wire.Client(a, secret) for a in addresses]
+        self._pending: list[int | None] = [None] * len(addresses)
+        self._last = [(0, 0)] * len(addresses)
+
+    def poll(self) -> tuple[int, int]:
+        """(allocated, peak) bytes summed over the workers, as last reported."""
+        for rank, client in enumerate(self.clients):
+            msg_id = self._pending[rank]
+            if msg_id is not None:
+                try:
+                    stats = client.wait(msg_id, 0.01, abandon=False)
+                    self._last[rank] = (int(stats["allocated"]), int(stats["peak"]))
+                except wire.TransportTimeout:
+                    continue  # busy (or gone: the stream's checks say so, not the probe)
+                except wire.RemoteError:
+                    pass
+            self._pending[rank] = client.send("memory_stats")
+        return sum(a for a, _ in self._last), sum(p for _, p in self._last)
+
+    def close(self):
+        for c in self.clients:
+            c.close()

@@ -1,0 +1,33 @@
+"""Fixtures of the offload runtime tests: real worker daemons and a session connected to them.
+
+``worker`` is one worker daemon for a test (worker_fixture.py). ``dev`` is the virtual device of
+this test process, its session connected straight to one worker (no master): every in-process
+test shares it, as the ops of one program share their job. End-to-end tests through the master
+and agent start the real stack with tests/cluster.py.
+"""
+import pytest
+
+from worker_fixture import SECRET, start_worker
+
+
+@pytest.fixture
+def worker(tmp_path):
+    w = start_worker(tmp_path / "worker")
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def dev(tmp_path_factory):
+    """The virtual device, its session on one worker of ``WORKER_MEMORY_CAP`` bytes."""
+    import offload.dispatch  # noqa: F401  (the transfer rules)
+    from offload import device, session
+
+    w = start_worker(tmp_path_factory.mktemp("session-worker"))
+    device.register()
+    try:
+        session.connect([w.address], SECRET)
+        yield device.DEVICE
+    finally:
+        session.close()
+        w.stop()

@@ -1,0 +1,51 @@
+"""A front process whose worker dies: a clear error in seconds, never a hang."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from worker_fixture import FRONT_PROGRAM, REPO_ROOT, SECRET, clean_env
+
+pytestmark = pytest.mark.timeout(120)
+FAILURE_DEADLINE_S = 20.0
+
+
+def start_front(env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(FRONT_PROGRAM), "--steps", "0", *args], env=env,
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(front: subprocess.Popen, n: int):
+    for _ in range(n):
+        line = front.stdout.readline()
+        assert line.startswith("step"), (line, front.stderr.read() if front.poll() is not None else "")
+
+
+def end_of(front: subprocess.Popen) -> str:
+    """The front's stderr once it has exited, which it must do by itself within the deadline."""
+    try:
+        _, err = front.communicate(timeout=FAILURE_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        front.kill()
+        front.communicate()
+        pytest.fail(f"the front did not fail within {FAILURE_DEADLINE_S:g} s of losing its worker")
+    assert front.returncode != 0
+    return err
+
+
+def test_worker_killed_mid_training_is_a_clear_error(worker, tmp_path):
+    front = start_front(clean_env(tmp_path), "--direct", worker.address, SECRET)
+    try:
+        wait_for_steps(front, 3)
+        killed_at = time.monotonic()
+        worker.proc.send_signal(signal.SIGKILL)
+        err = end_of(front)
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.communicate()
+    assert time.monotonic() - killed_at < FAILURE_DEADLINE_S
+    assert "DeviceLostError" in err and "virtual device cuda:0 was lost" in err, err
+    assert worker.address in err  # which worker went away

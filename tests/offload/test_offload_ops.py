@@ -1,0 +1,173 @@
+"""Tensor ops on the virtual device, run by a real worker, against the same ops on plain CPU torch."""
+import gc
+
+import pytest
+import torch
+
+from offload import session
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def same(remote, local, **tol):
+    got = remote.cpu()
+    assert got.dtype == local.dtype and got.shape == local.shape
+    if tol:
+        torch.testing.assert_close(got, local, **tol)
+    else:
+        assert torch.equal(got, local), (got, local)
+
+
+def test_elementwise_and_broadcasting(dev):
+    a = torch.randn(4, 5)
+    b = torch.randn(5)
+    ra, rb = a.to(dev), b.to(dev)
+    same(ra + rb * 2 - 1, a + b * 2 - 1)
+    same(torch.exp(ra).clamp(max=3.0), torch.exp(a).clamp(max=3.0))
+    same(torch.where(ra > 0, ra, rb), torch.where(a > 0, a, b))
+    same((ra / 3).to(torch.float64), (a / 3).to(torch.float64))
+    same(ra.to(torch.bfloat16) * 2, a.to(torch.bfloat16) * 2)
+
+
+def test_matmul_and_reductions(dev):
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    ra, rb = a.to(dev), b.to(dev)
+    same(ra @ rb, a @ b)
+    same(torch.bmm(ra.view(2, 4, 16), rb.expand(2, 16, 4)), torch.bmm(a.view(2, 4, 16), b.expand(2, 16, 4)))
+    same(ra.sum(dim=1), a.sum(dim=1))
+    values, indices = ra.max(dim=0)
+    ref_values, ref_indices = a.max(dim=0)
+    same(values, ref_values)
+    same(indices, ref_indices)
+    assert ra.mean().item() == a.mean().item()
+
+
+def test_views_and_in_place_through_views(dev):
+    a = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    ra = a.to(dev)
+    same(ra.t().contiguous(), a.t().contiguous())
+    same(ra.permute(1, 0)[2:5], a.permute(1, 0)[2:5])
+    same(ra.view(2, 12).narrow(1, 3, 4).unsqueeze(0), a.view(2, 12).narrow(1, 3, 4).unsqueeze(0))
+    view, ref_view = ra[1:3, ::2], a[1:3, ::2]
+    view.mul_(10)
+    ref_view.mul_(10)
+    ra.add_(1)
+    a.add_(1)
+    ra[0].zero_()
+    a[0].zero_()
+    same(ra, a)
+    same(view, ref_view)
+
+
+def test_indexing(dev):
+    a = torch.randn(6, 5)
+    idx = torch.tensor([4, 0, 2])
+    ra, ridx = a.to(dev), idx.to(dev)
+    same(ra[ridx], a[idx])
+    same(ra.index_select(1, ridx), a.index_select(1, idx))
+    same(torch.gather(ra, 1, ridx.view(1, 3).expand(6, 3)), torch.gather(a, 1, idx.view(1, 3).expand(6, 3)))
+    ra[ridx] = 7.0
+    a[idx] = 7.0
+    same(ra, a)
+    parts, ref_parts = ra.split(2), a.split(2)
+    assert len(parts) == len(ref_parts)
+    for p, r in zip(parts, ref_parts):
+        same(p, r)
+    same(torch.cat([ra, ra * 2]), torch.cat([a, a * 2]))
+    same(torch.stack([ra, ra], dim=1), torch.stack([a, a], dim=1))
+
+
+def test_data_dependent_shapes(dev):
+    a = torch.randn(7, 3)
+    ra = a.to(dev)
+    same(torch.nonzero(ra > 0), torch.nonzero(a > 0))
+    masked, ref = ra[ra > 0.2], a[a > 0.2]
+    same(masked, ref)
+    same(masked * 2, ref * 2)  # a data-dependent result is an ordinary tensor afterwards
+    same(torch.masked_select(ra, ra < 0), torch.masked_select(a, a < 0))
+
+
+def test_item_cpu_and_copies(dev):
+    a = torch.randn(3, 3)
+    ra = a.to(dev)
+    assert ra.device == torch.device("cuda", 0) and ra.is_cuda
+    assert ra[1, 2].item() == a[1, 2].item()
+    assert ra.sum().item() == pytest.approx(a.sum().item())
+    host = torch.empty(3, 3)
+    host.copy_(ra * 3)
+    assert torch.equal(host, a * 3)
+    rb = torch.zeros(3, 3, device=dev)
+    rb.copy_(a.t())  # a non-contiguous upload into an existing tensor
+    same(rb, a.t().contiguous())
+    same(torch.full((2, 2), 5, device=dev), torch.full((2, 2), 5))
+    same(torch.arange(10, device=dev), torch.arange(10))
+
+
+def test_manual_seed_gives_the_cpu_numbers(dev):
+    torch.manual_seed(1234)
+    remote = [torch.randn(5, device=dev), torch.rand(2, 3, device=dev),
+              torch.nn.functional.dropout(torch.ones(10, device=dev), 0.5)]
+    torch.manual_seed(1234)
+    local = [torch.randn(5), torch.rand(2, 3), torch.nn.functional.dropout(torch.ones(10), 0.5)]
+    for r, lo in zip(remote, local):
+        same(r, lo)
+
+
+def test_rng_state_round_trip(dev):
+    torch.manual_seed(7)
+    state = session.get_rng_state()
+    torch.manual_seed(7)
+    assert torch.equal(state, torch.get_rng_state())
+    first = torch.randn(4, device=dev).cpu()
+    session.set_rng_state(state)
+    assert torch.equal(torch.randn(4, device=dev).cpu(), first)
+
+
+def test_freed_tensors_give_their_memory_back(dev):
+    gc.collect()
+    before = session.memory_stats()["allocated"]
+    big = torch.ones(1 << 20, device=dev)  # 4 MiB
+    assert session.memory_stats()["allocated"] == before + (4 << 20)
+    view = big[10:]
+    del big
+    gc.collect()
+    assert session.memory_stats()["allocated"] == before + (4 << 20)  # the view holds the storage
+    del view
+    gc.collect()
+    stats = session.memory_stats()
+    assert stats["allocated"] == before
+    assert stats["peak"] >= before + (4 << 20)
+    session.reset_peak()
+    assert session.memory_stats()["peak"] == before
+
+
+def test_out_of_memory_is_the_cuda_error_and_leaves_the_device_intact(dev):
+    keep = torch.randn(100).to(dev)
+    expected = keep.cpu()
+    gc.collect()
+    before = session.memory_stats()["allocated"]
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory") as info:
+        huge = torch.empty(1 << 30, device=dev)  # 4 GiB, past the worker's cap
+        session.synchronize()
+    assert isinstance(info.value, RuntimeError)
+    del huge
+    with pytest.raises(torch.OutOfMemoryError):  # an op's result past the cap is refused too
+        half = torch.ones(40 << 20, device=dev)  # 160 MiB: fits
+        both = torch.cat([half, half])  # 320 MiB more: does not
+        session.synchronize()
+    del half, both
+    gc.collect()
+    assert session.memory_stats()["allocated"] == before
+    same(keep * 2, expected * 2)
+
+
+def test_failed_op_names_the_op_and_the_device_goes_on(dev):
+    a = torch.randn(4).to(dev)
+    bad = torch.tensor([9]).to(dev)
+    with pytest.raises(RuntimeError, match=r"aten::index\.Tensor") as info:
+        a[bad].cpu()  # out of range: only the worker, holding the data, can tell
+    assert not isinstance(info.value, torch.OutOfMemoryError)
+    with pytest.raises(RuntimeError, match="aten::no_such_op"):
+        session.current().enqueue("aten::no_such_op", [], {}, None)
+        session.synchronize()
+    assert (a + 1).sum().item() == pytest.approx(a.cpu().add(1).sum().item())
