@@ -111,7 +111,9 @@ class Stream:
 
     def flush(self):
         with self._lock:
-            self._check_alive()
+            if not self._check_alive():
+                self._batch.clear()  # lost, found in the autograd engine's thread: see _check_alive
+                return
             if self._batch:
                 batch, self._batch = self._batch, []
                 self._send_all("run_ops", {"ops": batch})
@@ -137,12 +139,13 @@ class Stream:
             trackers = [self._send(rank, "put", body, track=wait_sent)
                         for rank in range(len(self.clients))]
         for tracker in trackers if wait_sent else ():
-            while True:
+            while tracker is not None:
                 try:
                     tracker.wait(WAIT_SLICE_S)
                     break
                 except zmq.NotDone:
-                    self._check_alive()
+                    if not self._check_alive():
+                        break
 
     def fetch(self, tid: int) -> torch.Tensor:
         return self.request("fetch", {"id": tid, "seq": self.seq})[0]["tensor"]
@@ -171,7 +174,8 @@ class Stream:
             try:
                 return client.send_tracked(msg_type, body)[1] if track else client.send(msg_type, body)
             except zmq.Again:
-                self._check_alive()
+                if not self._check_alive():
+                    return None
 
     def wait(self, rank: int, msg_id: int, what: str, timeout_s: float | None = None):
         waited = 0.0
@@ -179,7 +183,8 @@ class Stream:
             try:
                 return self.clients[rank].wait(msg_id, WAIT_SLICE_S, abandon=False)
             except wire.TransportTimeout:
-                self._check_alive()
+                if not self._check_alive():  # no answer will come: raise even in the engine's thread
+                    raise DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {self.lost}")
                 waited += WAIT_SLICE_S
                 if timeout_s is not None and waited >= timeout_s:
                     raise DeviceLostError(f"worker rank {rank} at {self.addresses[rank]} did not "
@@ -187,7 +192,14 @@ class Stream:
             except wire.RemoteError as e:
                 raise remote_exception(e) from None
 
-    def _check_alive(self):
+    def _check_alive(self) -> bool:
+        """Raise DeviceLostError if the workers are gone; True while they are there.
+
+        Inside a backward pass the ops run on the autograd engine's device thread, which cannot
+        carry a Python exception out on torch 2.13 (SystemError, or std::terminate of the whole
+        process): there the loss only returns False, the ops of the pass go nowhere, and the
+        error is raised by the next call from the program's own thread (``opt.step()``, ``.item()``).
+        """
         if self.lost is None:
             for rank, monitor in enumerate(self._monitors):
                 while monitor.poll(0):
@@ -197,8 +209,11 @@ class Stream:
                                             f"{self.addresses[rank]} closed (its process exited)")
             if self.lost is None:
                 self.lost = self.failure(0.0)
-        if self.lost is not None:
-            raise DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {self.lost}")
+        if self.lost is None:
+            return True
+        if torch._C._current_graph_task_id() != -1:
+            return False
+        raise DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {self.lost}")
 
     def close(self):
         with self._lock:

@@ -66,6 +66,10 @@ def main(argv=None):
     finally:
         server.executor.close()
         log.info("worker for job %s stopped", spec.job_id)
+    # The job's state is gone and the sockets are closed; interpreter teardown would still
+    # finalize torch.distributed's gloo objects, which can block forever after a peer has left.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ FAILURE_DEADLINE_S = 20.0
 
 
 def start_front(env: dict, *args: str) -> subprocess.Popen:
+    env = dict(env, PYTHONFAULTHANDLER="1")  # a crash instead of an error shows every thread's stack
     return subprocess.Popen([sys.executable, str(FRONT_PROGRAM), "--steps", "0", *args], env=env,
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
