@@ -320,6 +320,33 @@ class RequestError(Exception):
         self.message = message
 
 
+# --- request bodies --------------------------------------------------------------------------
+
+MAX_STRING_CHARS = 1024
+MAX_INT = 2 ** 62            # fits SQLite's signed 64-bit integers and every int64 tensor index
+_REQUIRED = object()
+
+
+def field(body, name: str, typ, default=_REQUIRED):
+    """``body[name]`` checked to be of ``typ`` (a type or tuple of types)."""
+    if not isinstance(body, dict):
+        raise RequestError("bad_request", "the request body must be a map")
+    value = body.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise RequestError("bad_request", f"missing field {name!r}")
+        return default
+    types = typ if isinstance(typ, tuple) else (typ,)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in types)
+        raise RequestError("bad_request", f"field {name!r} must be {names}, not {type(value).__name__}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise RequestError("bad_request", f"field {name!r} is out of range")
+    if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
+        raise RequestError("bad_request", f"field {name!r} is longer than {MAX_STRING_CHARS} characters")
+    return value
+
+
 class Server:
     """A ROUTER socket serving a dict of handlers, one message at a time.
 

@@ -62,7 +62,7 @@ def free_port_block(slots: int) -> int:
     raise RuntimeError("no free block of worker ports found")
 
 
-def _toml(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value).lower() if isinstance(value, bool) else repr(value)
@@ -165,7 +165,7 @@ def _node(root: Path, name: str, shared: dict, slots: int, layout: str) -> Node:
               "worker_port_base": free_port_block(slots),
               "supervisor_url": f"http://127.0.0.1:{free_port()}/RPC2"}
     path = state / "moai.toml"
-    path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOAI_")}
     env.update(MOAI_CONFIG=str(path), HOME=str(root / "home"), PYTHONPATH=str(REPO_ROOT))
     return Node(name, config.load(path, env), path, env, layout)

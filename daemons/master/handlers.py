@@ -15,6 +15,7 @@ import time
 
 from daemons import flavors as flavor_catalog
 from daemons import wire
+from daemons.wire import field
 from daemons.config import Settings
 from daemons.master import accounting
 from daemons.master.agents import AgentLink
@@ -24,29 +25,8 @@ from daemons.master.store import ACTIVE_STATES, Store
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-MAX_STRING_CHARS = 1024
-MAX_INT = 2 ** 62            # SQLite integers are signed 64-bit
-_REQUIRED = object()
 
 
-def field(body, name: str, typ, default=_REQUIRED):
-    """``body[name]`` checked to be of ``typ`` (a type or tuple of types)."""
-    if not isinstance(body, dict):
-        raise wire.RequestError("bad_request", "the request body must be a map")
-    value = body.get(name)
-    if value is None:
-        if default is _REQUIRED:
-            raise wire.RequestError("bad_request", f"missing field {name!r}")
-        return default
-    types = typ if isinstance(typ, tuple) else (typ,)
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        names = " or ".join(t.__name__ for t in types)
-        raise wire.RequestError("bad_request", f"field {name!r} must be {names}, not {type(value).__name__}")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-        raise wire.RequestError("bad_request", f"field {name!r} is out of range")
-    if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
-        raise wire.RequestError("bad_request", f"field {name!r} is longer than {MAX_STRING_CHARS} characters")
-    return value
 
 
 def _body(msg: wire.Message) -> dict:

@@ -232,7 +232,7 @@ class Executor:
                 self._bind_release(s)
 
     def run_ops(self, msg):
-        for record in msg.body["ops"]:
+        for record in wire.field(msg.body, "ops", list):
             if self.error is None:
                 try:
                     self._run_one(record)
@@ -255,7 +255,7 @@ class Executor:
     # --- requests -------------------------------------------------------------------------------
 
     def put(self, msg):
-        t, tid = msg.body["tensor"], int(msg.body["id"])
+        t, tid = wire.field(msg.body, "tensor", torch.Tensor), wire.field(msg.body, "id", int)
         if not self.on_gpu and self.meter.allocated + t.nbytes > self.spec.memory_cap:
             if self.error is None:  # the upload's bytes are dropped: nothing is held past the cap
                 self.error = OpError("oom", f"upload of tensor #{tid} ran out of device memory: "
@@ -267,9 +267,10 @@ class Executor:
 
     def fetch(self, msg):
         self._raise_held()
-        t = self.tensors.get(int(msg.body["id"]))
+        tid = wire.field(msg.body, "id", int)
+        t = self.tensors.get(tid)
         if t is None:
-            raise wire.RequestError("missing_tensor", f"tensor #{msg.body['id']} does not exist "
+            raise wire.RequestError("missing_tensor", f"tensor #{tid} does not exist "
                                                       "(its op failed or it was freed)")
         return {"tensor": t}
 
@@ -277,15 +278,15 @@ class Executor:
         """Shapes of results the front could not infer (data-dependent ops such as nonzero)."""
         self._raise_held()
         out = []
-        for tid in msg.body["ids"]:
-            t = self.tensors.get(int(tid))
+        for tid in wire.field(msg.body, "ids", list):
+            t = self.tensors.get(tid) if isinstance(tid, int) else None
             if t is None:
                 raise wire.RequestError("missing_tensor", f"tensor #{tid} does not exist")
             out.append([list(t.shape), list(t.stride()), t.storage_offset(), t.dtype])
         return {"tensors": out}
 
     def free(self, msg):
-        for tid in msg.body["ids"]:
+        for tid in wire.field(msg.body, "ids", list):
             if isinstance(tid, int):
                 self._drop(tid)
         return wire.NO_REPLY

@@ -231,7 +231,8 @@ class SpmdExecutor(Executor):
 
     def put(self, msg):
         body = msg.body
-        for tid, placed in self.backend.place(int(body["id"]), body["tensor"], body.get("shard")).items():
+        tid, tensor = wire.field(body, "id", int), wire.field(body, "tensor", torch.Tensor)
+        for tid, placed in self.backend.place(tid, tensor, wire.field(body, "shard", str, None)).items():
             self._store(tid, placed)
         return wire.NO_REPLY
 
@@ -244,7 +245,7 @@ class SpmdExecutor(Executor):
         return {"tensor": whole if self.spec.rank == 0 else None}
 
     def free(self, msg):
-        self.backend.forget(int(tid) for tid in msg.body["ids"])
+        self.backend.forget(tid for tid in wire.field(msg.body, "ids", list) if isinstance(tid, int))
         return super().free(msg)
 
     def close(self):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,28 +19,13 @@ from pathlib import Path
 import pytest
 
 from daemons import wire
+from tests.cluster import toml_value, free_port, wait_until
 
 CLUSTER_SECRET = "test-cluster-secret"
 HEARTBEAT_TIMEOUT_S = 2.0
 NODE_HEARTBEAT_INTERVAL_S = 0.2
 MASTER_START_TIMEOUT_S = 60.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 class MasterProcess:
@@ -55,7 +39,7 @@ class MasterProcess:
                   "state_dir": str(tmp_path), "token_file": str(tmp_path / "token"),
                   "cluster_secret": CLUSTER_SECRET, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
                   "agent_call_timeout_s": 2.0, "worker_start_timeout_s": 2.0, **settings}
-        self.config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
+        self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
         self.proc: subprocess.Popen | None = None
         self.log = tmp_path / "master.log"
 
@@ -108,12 +92,6 @@ class MasterProcess:
         env = self.env(**({"MOAI_TOKEN": token} if token else {}), **(env or {}))
         return subprocess.run([sys.executable, "-m", f"moreh_cli.{module}", *args], env=env, input=stdin,
                               capture_output=True, text=True, timeout=timeout_s)
-
-
-def _toml(value) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value).lower() if isinstance(value, bool) else repr(value)
 
 
 class FakeNode:

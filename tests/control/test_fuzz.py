@@ -14,7 +14,7 @@ from stack_front import fronts, new_token  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
 
-FRAMES_PER_DAEMON = 300
+FRAMES_PER_DAEMON = 1000
 REPLY_TIMEOUT_S = 5.0
 SEED = 20240601
 FIELD_NAMES = ["job_id", "device_id", "flavor", "all", "pid", "process_name", "hostname", "memory_used",
@@ -133,8 +133,8 @@ def test_hostile_messages_get_structured_errors_and_every_daemon_keeps_serving(c
     worker_codes = fuzz(worker_addr, WORKER_TYPES, [None, "forged", secret], SEED + 2)
     for codes in (master_codes, agent_codes, worker_codes):
         assert {"malformed", "unauthorized", "unknown_type"} <= set(codes), codes
-    assert "internal" not in master_codes and "internal" not in agent_codes, (master_codes, agent_codes)
-    assert "bad_request" in master_codes and "bad_request" in agent_codes
+    for codes in (master_codes, agent_codes, worker_codes):
+        assert "internal" not in codes and "bad_request" in codes, codes
     assert oversized(cluster.settings.master_addr, cluster.token) == "malformed"
     assert oversized(cluster.settings.agent_addr, cluster_secret) == "malformed"
 
