@@ -99,12 +99,19 @@ def start(settings: config.Settings, *, foreground: bool = False,
     return proc
 
 
-def _check_not_fatal(settings: config.Settings):
+def _daemons_running(settings: config.Settings) -> bool:
+    """Whether supervisord reports every daemon (not the on-demand workers) RUNNING; raises
+    StackError for one that cannot start."""
+    states = []
     for info in supervisor_proxy(settings).supervisor.getAllProcessInfo():
-        if info["group"] != settings.supervisor_worker_group and info["statename"] in ("FATAL", "BACKOFF"):
+        if info["group"] == settings.supervisor_worker_group:
+            continue
+        if info["statename"] in ("FATAL", "BACKOFF"):
             log = settings.path("state_dir") / "logs" / f"{info['name']}.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise StackError(f"{info['name']} cannot start ({info['statename']}); {log}:\n{tail}")
+        states.append(info["statename"])
+    return all(state == "RUNNING" for state in states)
 
 
 def wait_ready(settings: config.Settings, timeout_s: float = READY_TIMEOUT_S, nodes: tuple = ()):
@@ -118,8 +125,12 @@ def wait_ready(settings: config.Settings, timeout_s: float = READY_TIMEOUT_S, no
     missing = "the master"
     try:
         while time.monotonic() < deadline:
-            if supervisor_running(settings):
-                _check_not_fatal(settings)
+            # supervisord marks a daemon RUNNING only after its startsecs: until then `status`
+            # would still say STARTING.
+            if supervisor_running(settings) and not _daemons_running(settings):
+                missing = "supervisord's RUNNING state for the daemons"
+                time.sleep(POLL_INTERVAL_S)
+                continue
             try:
                 alive = {n["node"] for n in admin.call("list_nodes")["nodes"] if n["alive"]}
                 missing = ", ".join(sorted(nodes - alive)) or ""
