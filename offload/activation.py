@@ -7,7 +7,7 @@ and opens no socket.
 """
 from __future__ import annotations
 
-from offload import autocast, cuda_facade, device, device_mapping, serialization
+from offload import autocast, cuda_facade, device, device_mapping, dispatch, serialization
 
 _active = False
 
@@ -23,6 +23,7 @@ def activate():
     cuda_facade.install()
     autocast.install()
     serialization.install()
+    dispatch.install_upload_hints()
     _active = True
 
 

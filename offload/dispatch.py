@@ -13,6 +13,9 @@ A few ops need their own behaviour (uploads, downloads, ``.item()``); they are r
 """
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 
 from daemons.wire import RemoteRef
@@ -55,14 +58,20 @@ class Dispatcher:
         inputs: list = []
         meta_args, wire_args = split(args, inputs)
         meta_kwargs, wire_kwargs = split(kwargs, inputs)
-        try:
-            meta_out = func(*meta_args, **meta_kwargs)
-        except NotImplementedError:
-            return self.run_data_dependent(func, wire_args, wire_kwargs)
-        except torch._subclasses.fake_tensor.DataDependentOutputException:
-            return self.run_data_dependent(func, wire_args, wire_kwargs)
-        if not isinstance(meta_out, torch.Tensor) and not func._schema.is_mutable and not _has_tensor(meta_out):
-            return meta_out  # metadata queries (is_same_size ...) need no worker
+        key = SHAPES.key(func, args, kwargs, inputs)
+        template = SHAPES.get(key)
+        if template is not None:
+            meta_out = rebuild(template, [t._meta for t in inputs])
+        else:
+            try:
+                meta_out = func(*meta_args, **meta_kwargs)
+            except NotImplementedError:
+                return self.run_data_dependent(func, wire_args, wire_kwargs)
+            except torch._subclasses.fake_tensor.DataDependentOutputException:
+                return self.run_data_dependent(func, wire_args, wire_kwargs)
+            if not isinstance(meta_out, torch.Tensor) and not func._schema.is_mutable and not _has_tensor(meta_out):
+                return meta_out  # metadata queries (is_same_size ...) need no worker
+            SHAPES.learn(key, func, args, kwargs, inputs, meta_out)
         session = sessions.current()
         by_meta = {id(t._meta): t for t in inputs}
         out, out_spec = self.wrap(func, meta_out, by_meta, session)
@@ -143,6 +152,130 @@ def _meta_like(shape, stride, offset, dtype) -> torch.Tensor:
     return torch.empty(span, dtype=dtype, device=META).as_strided(shape, stride, offset)
 
 
+# --- the shape cache --------------------------------------------------------------------------
+# torch's meta kernels are mostly Python reference code: 40-80 us for a small op, ~1 ms for a
+# _foreach op, while a training step repeats the same ops on the same shapes. The outputs of an
+# op are a function of its input metadata (shapes, strides, offsets, dtypes, which inputs share
+# storage or are the same tensor), its other arguments and the default dtype, so they are
+# remembered under that key and rebuilt without the kernel: a fresh output as an empty_strided
+# meta tensor, a view as as_strided on the meta of the input it aliases (so later in-place ops
+# through it still alias), an in-place result as that very input's meta.
+
+_FRESH, _SELF, _VIEW, _SEQ, _CONST = range(5)
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout,
+                    torch.memory_format})
+_TENSOR = object()  # an input's place in the key; its metadata follows in input order
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+class ShapeCache:
+    # Bounded for programs whose shapes keep changing; refilling costs only the misses.
+    MAX_ENTRIES = 16384
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.hits = self.misses = 0
+
+    def key(self, func, args, kwargs, inputs):
+        """The op's key, or None for one the cache must not answer (other tensors, generators,
+        complex or negative-bit inputs)."""
+        try:
+            described = []
+            objects: dict = {}
+            storages: dict = {}
+            for i, t in enumerate(inputs):
+                m = t._meta
+                if m.dtype.is_complex or m.is_neg():
+                    return None
+                described.append((m.shape, m.stride(), m.storage_offset(), m.dtype,
+                                  objects.setdefault(id(m), i),
+                                  storages.setdefault(m.untyped_storage()._cdata, i)))
+            return (func, torch.get_default_dtype(), _arg_key(args),
+                    tuple((k, _arg_key(v)) for k, v in kwargs.items()), tuple(described))
+        except _Uncacheable:
+            return None
+
+    def get(self, key):
+        if key is None:
+            return None
+        template = self.entries.get(key)
+        if template is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return template
+
+    def learn(self, key, func, args, kwargs, inputs, meta_out):
+        # An op that changed an input's metadata (resize_, squeeze_ ...) is not a function of the key.
+        if key is None or self.key(func, args, kwargs, inputs) != key:
+            return
+        metas = [t._meta for t in inputs]
+        storages: dict = {}
+        for i, m in enumerate(metas):
+            storages.setdefault(m.untyped_storage()._cdata, i)
+        try:
+            template = _template(meta_out, metas, storages)
+        except _Uncacheable:
+            return
+        if len(self.entries) >= self.MAX_ENTRIES:
+            self.entries.clear()
+        self.entries[key] = template
+
+
+def _arg_key(x):
+    kind = type(x)
+    if kind in _PLAIN:
+        return kind, x  # the type too: 1, 1.0 and True promote differently
+    if kind is list or kind is tuple or kind is torch.Size:
+        return kind, tuple(_arg_key(v) for v in x)
+    if isinstance(x, RemoteTensor):
+        return _TENSOR
+    raise _Uncacheable
+
+
+def _template(out, metas: list, storages: dict):
+    if isinstance(out, torch.Tensor):
+        for k, m in enumerate(metas):
+            if out is m:
+                return _SELF, k
+        if out.layout != torch.strided or out.dtype.is_complex or out.is_neg():
+            raise _Uncacheable
+        shape, stride, offset = tuple(out.shape), out.stride(), out.storage_offset()
+        k = storages.get(out.untyped_storage()._cdata)
+        if k is None:
+            return _FRESH, shape, stride, offset, out.dtype
+        if metas[k].dtype != out.dtype:
+            raise _Uncacheable  # a dtype view: as_strided cannot rebuild it
+        return _VIEW, k, shape, stride, offset
+    if isinstance(out, (list, tuple)):
+        return _SEQ, type(out), tuple(_template(o, metas, storages) for o in out)
+    if out is None or type(out) in (bool, int, float):
+        return _CONST, out
+    raise _Uncacheable
+
+
+def rebuild(template, metas: list):
+    """Meta outputs from a cached template, aliasing ``metas`` (the op's input metas) as it says."""
+    kind = template[0]
+    if kind == _FRESH:
+        _, shape, stride, offset, dtype = template
+        if offset:
+            return _meta_like(shape, stride, offset, dtype)
+        return torch.empty_strided(shape, stride, dtype=dtype, device=META)
+    if kind == _SELF:
+        return metas[template[1]]
+    if kind == _VIEW:
+        _, k, shape, stride, offset = template
+        return metas[k].as_strided(shape, stride, offset)
+    if kind == _SEQ:
+        return template[1](rebuild(t, metas) for t in template[2])
+    return template[1]
+
+
+SHAPES = ShapeCache()
 DISPATCHER = Dispatcher()
 
 
@@ -177,17 +310,54 @@ def copy_(func, args, kwargs):
     return dst
 
 
+# Set while ``Module._apply`` (``.to``/``.cuda``/``.half`` ...) runs in this thread: the tensors it
+# uploads are the model's own state, not a batch.
+_moving_module = threading.local()
+
+
+def upload_hint(src: torch.Tensor) -> str:
+    """The ``put`` hint (docs/PARALLELISM.md) for an upload: where a multi-GPU job's workers place it.
+
+    Only a hint: the workers' results do not depend on it, a wrong one costs speed or memory.
+    """
+    if isinstance(src, torch.nn.Parameter):
+        return "param"
+    return "buffer" if getattr(_moving_module, "active", False) else "batch"
+
+
+def install_upload_hints():
+    """Wrap ``Module._apply`` so that uploads made by it are told apart from batches."""
+    original = torch.nn.Module._apply
+    if getattr(original, "_moai_marks_uploads", False):
+        return
+
+    @functools.wraps(original)
+    def _apply(self, *args, **kwargs):
+        outer = getattr(_moving_module, "active", False)   # _apply recurses into children
+        _moving_module.active = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _moving_module.active = outer
+
+    _apply._moai_marks_uploads = True
+    torch.nn.Module._apply = _apply
+
+
 def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
     session = sessions.current()
+    shard = upload_hint(src)
     src = src.detach()
-    exact = (src.shape == dst.shape and src.dtype == dst.dtype and src.is_contiguous()
-             and dst._meta.is_contiguous())
+    exact = src.shape == dst.shape and src.dtype == dst.dtype and dst._meta.is_contiguous()
     if exact and session.drop_fresh_allocation(dst._handle.id):
-        # ``.to(device)`` is empty + copy_: the tensor can simply arrive as the allocation.
-        session.put(dst._handle.id, src, wait_sent=not non_blocking)
+        # ``.to(device)`` is empty + copy_: the tensor can simply arrive as the allocation. A
+        # non-contiguous source (``window[:, :-1]``) is made contiguous here rather than copied
+        # on the device: a copy into a device allocation would take the allocation's placement
+        # (replicated) and lose the hint.
+        session.put(dst._handle.id, src.contiguous(), wait_sent=not non_blocking, shard=shard)
         return
     staging = session.new_id()
-    session.put(staging, src, wait_sent=not non_blocking)
+    session.put(staging, src, wait_sent=not non_blocking, shard=shard)
     session.enqueue("aten::copy_", [RemoteRef(dst._handle.id), RemoteRef(staging)], {}, dst._handle.id)
     session.release_id(staging)
 

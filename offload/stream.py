@@ -125,17 +125,18 @@ class Stream:
                 self._send_all("free", {"ids": freed})
 
     # --- transfers and queries ---------------------------------------------------------------
-    def put(self, tid: int, tensor: torch.Tensor, wait_sent: bool):
+    def put(self, tid: int, tensor: torch.Tensor, wait_sent: bool, shard: str | None = None):
         """Upload ``tensor`` as ``tid`` on every worker, without copying it on the front.
 
         ``wait_sent`` returns only when zmq has let go of its buffer (the caller may then change
         it, as after a blocking host-to-device copy); otherwise the buffer is kept alive by the
         message and must not change until the next sync, like a ``non_blocking`` copy's.
+        ``shard`` is the placement hint of a multi-worker job (docs/PROTOCOL.md, ``put``).
         """
         tensor = tensor.detach().resolve_conj().resolve_neg()
         with self._lock:
             self.flush()
-            body = {"id": tid, "tensor": tensor}
+            body = {"id": tid, "tensor": tensor, **({"shard": shard} if shard else {})}
             trackers = [self._send(rank, "put", body, track=wait_sent)
                         for rank in range(len(self.clients))]
         for tracker in trackers if wait_sent else ():

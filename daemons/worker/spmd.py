@@ -24,12 +24,14 @@ and what memory counts (this worker's shards).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.utils._pytree import tree_flatten, tree_map
@@ -50,6 +52,27 @@ RANDOM_FILLS = frozenset((aten.bernoulli_.float, aten.uniform_.default, aten.nor
                           getattr(aten.random_, "from"), aten.random_.to))
 
 
+# The collectives DTensor's redistributions call (looked up on the module at each call, so wrapping
+# the module's attributes sees them all). Bytes are this rank's input: what it puts into the
+# collective, the measure plain data parallelism's "gradients all-reduced once" is stated in.
+COUNTED_COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")
+COLLECTIVE_BYTES: Counter[str] = Counter()
+
+
+def _count_collectives():
+    for name in COUNTED_COLLECTIVES:
+        collective = getattr(funcol, name)
+        if getattr(collective, "_moai_counted", False):
+            continue
+
+        @functools.wraps(collective)
+        def counted(tensor, *args, _name=name, _collective=collective, **kwargs):
+            COLLECTIVE_BYTES[_name] += tensor.numel() * tensor.element_size()
+            return _collective(tensor, *args, **kwargs)
+        counted._moai_counted = True
+        setattr(funcol, name, counted)
+
+
 class GroupBroken(RuntimeError):
     """A collective failed: a peer died or stopped answering; the job cannot go on."""
 
@@ -68,8 +91,12 @@ class SpmdBackend:
                                 rank=spec.rank, world_size=spec.world_size,
                                 timeout=timedelta(seconds=spec.collective_timeout_s))
         self.mesh = init_device_mesh(self.device.type, (spec.world_size,))
+        _count_collectives()
         self.policy = PlacementPolicy(spec.world_size, spec.memory_cap)
         self.fallbacks: Counter[str] = Counter()
+        # Uploads by hint and the placement they got ("batch -> shard": 6): shows what a real
+        # program's hints did (logged at exit, in memory_stats).
+        self.placed: Counter[str] = Counter()
         self.broken: str | None = None
         self._params: dict[int, DTensor] = {}   # replicated params, re-placed if ZeRO switches on
 
@@ -77,12 +104,14 @@ class SpmdBackend:
     def place(self, tid: int, tensor: torch.Tensor, kind: str | None) -> dict[int, DTensor]:
         """Place an upload (every rank receives the same whole tensor); returns table entries."""
         switched = self.policy.admit(kind, tensor.numel() * tensor.element_size())
-        entries = {tid: self._slice(tensor, self.policy.placement(kind, tensor.shape))}
+        placement = self.policy.placement(kind, tensor.shape)
+        self.placed[f"{kind or 'untagged'} -> {'shard' if placement.is_shard() else 'replicate'}"] += 1
+        entries = {tid: self._slice(tensor, placement)}
         if switched:
             log.info("parameters (%d bytes) exceed the replicated budget: sharding them (ZeRO-3)",
                      self.policy.param_bytes)
             for pid, param in self._params.items():
-                entries[pid] = param.redistribute(self.mesh, [self.policy.placement(kind, param.shape)])
+                entries[pid] = self._slice(param.to_local(), self.policy.placement(kind, param.shape))
             self._params.clear()
         elif kind == "param" and not self.policy.shard_params:
             self._params[tid] = entries[tid]
@@ -94,7 +123,12 @@ class SpmdBackend:
 
     def _slice(self, full: torch.Tensor, placement) -> DTensor:
         # Every rank holds the same whole tensor: cutting out this rank's piece needs no traffic.
-        return self._replicated(full).redistribute(self.mesh, [placement])
+        placed = self._replicated(full).redistribute(self.mesh, [placement])
+        if not placement.is_shard():
+            return placed
+        # The piece is a view of the whole tensor's storage: copied out, the whole one can go.
+        return DTensor.from_local(placed.to_local().clone(), self.mesh, [placement], run_check=False,
+                                  shape=placed.shape, stride=placed.stride())
 
     def _replicated(self, t):
         if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
@@ -189,7 +223,13 @@ class SpmdBackend:
         """The whole value (a collective: every rank calls it at the same point of the stream)."""
         return self._guarded(DTensor.full_tensor, t) if isinstance(t, DTensor) else t
 
+    def stats(self) -> dict:
+        """Counters of what parallel execution cost so far: collective bytes and fallbacks by name."""
+        return {"collective_bytes": dict(COLLECTIVE_BYTES), "fallbacks": dict(self.fallbacks),
+                "uploads": dict(self.placed)}
+
     def close(self):
+        log.info("uploads by hint -> placement: %s", dict(self.placed))
         if self.fallbacks:
             log.info("ops run on whole tensors (no sharding rule): %s", dict(self.fallbacks))
         dist.destroy_process_group()
@@ -243,6 +283,9 @@ class SpmdExecutor(Executor):
         except GroupBroken as exc:
             raise wire.RequestError("op_failed", f"fetch of tensor #{msg.body['id']}: {exc}") from None
         return {"tensor": whole if self.spec.rank == 0 else None}
+
+    def memory_stats(self, msg):
+        return {**super().memory_stats(msg), **self.backend.stats()}
 
     def free(self, msg):
         self.backend.forget(tid for tid in wire.field(msg.body, "ids", list) if isinstance(tid, int))
