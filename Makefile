@@ -36,6 +36,7 @@ test-fast: install     ## everything but the container build
 
 bench: install         ## performance figures; record them in docs/PERFORMANCE.md
 	$(PYTHON) scripts/bench.py
+	$(PYTHON) scripts/bench_scaling.py
 
 images:                ## build base, master and backnode images without a registry
 	bash scripts/build_images.sh

@@ -33,7 +33,11 @@ FLOAT32_OPS = (
     "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
     "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
     "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
-    # CUDA's "fp32_set_opt_dtype" ops: reductions accumulate in float32.
+)
+# CUDA's "fp32_set_opt_dtype" ops: an eligible first argument gets ``dtype=float32`` unless the
+# caller gave a dtype; the tensors are not cast. (F.cross_entropy calls log_softmax with the
+# logits' own dtype, so on CUDA its log-probabilities stay in bfloat16 / float16.)
+FLOAT32_SET_OPT_DTYPE_OPS = (
     "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm",
     "linalg_matrix_norm", "sum",
 )
@@ -65,7 +69,18 @@ def _widest(args, kwargs):
 def _kernel(op, policy):
     excluded = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastPrivateUse1)
 
+    dtype_at = next((i for i, a in enumerate(op._schema.arguments) if a.name == "dtype"), None)
+
     def run_autocast(*args, **kwargs):
+        if policy == "set_opt_dtype":
+            if args and _eligible(args[0]) and dtype_at is not None:
+                if len(args) > dtype_at:
+                    if args[dtype_at] is None:
+                        args = (*args[:dtype_at], torch.float32, *args[dtype_at + 1:])
+                elif kwargs.get("dtype") is None:
+                    kwargs = {**kwargs, "dtype": torch.float32}
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*args, **kwargs)
         if policy == "lower":
             dtype = torch.get_autocast_dtype(torch._C._get_privateuse1_backend_name())
         elif policy == "float32":
@@ -81,7 +96,7 @@ def _kernel(op, policy):
 
 def _register_kernels(library: torch.library.Library):
     for policy, names in (("lower", LOWER_PRECISION_OPS), ("float32", FLOAT32_OPS),
-                          ("promote", PROMOTE_OPS)):
+                          ("set_opt_dtype", FLOAT32_SET_OPT_DTYPE_OPS), ("promote", PROMOTE_OPS)):
         for name in names:
             packet = getattr(torch.ops.aten, name, None)
             if packet is None:
@@ -100,6 +115,30 @@ def _autocast_init(self, device_type, *args, **kwargs):
     _original_autocast_init(self, device_type, *args, **kwargs)
 
 
+def _cuda_state_is_the_device(original, backend: str, legacy_cuda: bool):
+    """``torch.is_autocast_enabled("cuda")`` and friends read the virtual device's autocast state,
+    which ``autocast("cuda")`` sets here; the argument-less legacy forms mean CUDA too. Libraries
+    depend on them: torch.utils.checkpoint replays the autocast state of ``x.device.type`` when it
+    recomputes, flash-attention paths pick their dtype with ``get_autocast_dtype("cuda")``."""
+    @functools.wraps(original)
+    def on_the_device(*args, **kwargs):
+        if kwargs.get("device_type") == "cuda":
+            kwargs["device_type"] = backend
+        elif args and args[0] == "cuda":
+            args = (backend, *args[1:])
+        elif legacy_cuda and not kwargs and (not args or not isinstance(args[0], str)):
+            args = (backend, *args)
+        return original(*args, **kwargs)
+    return on_the_device
+
+
+def _gpu_dtype(backend: str, setter: bool):
+    # torch.get_autocast_gpu_dtype() / set_autocast_gpu_dtype(dtype): CUDA's, i.e. the device's.
+    if setter:
+        return lambda dtype: torch.set_autocast_dtype(backend, dtype)
+    return lambda: torch.get_autocast_dtype(backend)
+
+
 def install():
     """Register the kernels and make ``autocast("cuda")`` target the virtual device (idempotent)."""
     if _libraries:
@@ -115,3 +154,8 @@ def install():
     _register_kernels(aten)
     _libraries.extend((every_op, aten))
     autocast_mode.autocast.__init__ = _autocast_init
+    for name, legacy_cuda in (("is_autocast_enabled", True), ("set_autocast_enabled", True),
+                              ("get_autocast_dtype", False), ("set_autocast_dtype", False)):
+        setattr(torch, name, _cuda_state_is_the_device(getattr(torch, name), backend, legacy_cuda))
+    torch.get_autocast_gpu_dtype = _gpu_dtype(backend, setter=False)
+    torch.set_autocast_gpu_dtype = _gpu_dtype(backend, setter=True)

@@ -14,7 +14,9 @@ import random as _random
 
 import torch
 import torch.accelerator
+import torch.backends.cudnn
 import torch.cuda
+import torch.cuda.nvtx
 import torch.cuda.random
 
 from offload import cuda_streams, unsupported
@@ -252,5 +254,13 @@ def install():
     for name, value in _ACCELERATOR.items():
         setattr(torch.accelerator, name, value)
     torch.Tensor.record_stream = lambda self, stream: None
+    # nn.LSTM/GRU ask cuDNN about their weights at every forward (flatten_parameters); this build
+    # has no cuDNN and would warn "compiled without cuDNN" for the virtual device's "cuda" tensors.
+    # The workers pick their own kernels: the front never uses cuDNN.
+    torch.backends.cudnn.is_acceptable = lambda tensor: False
+    # NVTX ranges annotate a profile of the GPU; the front has none to annotate (a CPU build would
+    # raise "NVTX functions not installed"), so they do nothing, as outside a profiler run.
+    for name in ("range_push", "range_pop", "range_start", "range_end", "mark"):
+        setattr(torch.cuda.nvtx, name, lambda *args, **kwargs: 0)
     unsupported.install()
 

@@ -107,6 +107,10 @@ def install():
     """Patch the entry points (idempotent: a second call changes nothing)."""
     if _originals:
         return
+    # `with torch.device("cuda"):` / set_default_device fill in ``device=`` only for the functions
+    # in this lru_cached set, matched against the builtin the mode sees; filled lazily after the
+    # patches below it would hold the wrappers, and factories in the context would stay on the CPU.
+    torch.utils._device._device_constructors()
     for name in FACTORY_FUNCTIONS:
         if hasattr(torch, name):
             _patch(torch, name, _map_device_kwarg(getattr(torch, name)))

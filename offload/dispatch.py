@@ -84,9 +84,7 @@ class Dispatcher:
             same = by_meta.get(id(meta_out))
             if same is not None:
                 if same.shape != meta_out.shape or same.stride() != meta_out.stride():
-                    raise NotImplementedError(
-                        f"{func} changes the shape of a cuda:0 tensor in place, which the virtual "
-                        "device does not support; use the out-of-place form")
+                    _restride(func, same, meta_out)
                 return same, same._handle.id
             tid = session.new_id()
             return RemoteTensor(meta_out, tid), tid
@@ -115,6 +113,19 @@ class Dispatcher:
         tid = session.new_id()
         session.enqueue(self.op_name(func), list(args), kwargs, tid)
         return RemoteTensor(meta, tid)
+
+
+def _restride(func, wrapper: RemoteTensor, meta: torch.Tensor):
+    """An in-place view op (``transpose_``, ``t_``, ``squeeze_`` ...; torch's GRU does
+    ``transpose_`` on its output for batch_first) changed the input's meta: give its wrapper the
+    same sizes and strides (the worker changes its own tensor by the same op)."""
+    try:
+        with torch._C._DisableTorchDispatch():
+            aten.as_strided_.default(wrapper, meta.shape, meta.stride(), meta.storage_offset())
+    except RuntimeError:
+        raise NotImplementedError(
+            f"{func} changes the shape of a cuda:0 tensor in place beyond its storage, which the "
+            "virtual device does not support; use the out-of-place form") from None
 
 
 def split(x, inputs: list):
@@ -365,3 +376,8 @@ def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
 @DISPATCHER.rule(aten._local_scalar_dense.default)
 def local_scalar_dense(func, args, kwargs):
     return sessions.current().fetch(args[0]._handle.id).item()
+
+
+# Ops the workers cannot run as such (the CUDA-only fused RNN cells torch emits for any non-CPU
+# input; torch.equal / allclose, whose result is a Python bool), as ordinary device ops.
+from offload import decompositions  # noqa: E402,F401  (registers its rules on DISPATCHER)

@@ -89,10 +89,22 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
     return host.to(virtual_device()).requires_grad_(requires_grad)
 
 
+def _storage_cuda(self, device=None, non_blocking=False):
+    """``UntypedStorage.cuda()``: a storage cannot live on the virtual device (its tensors hold
+    none on the front), so the bytes stay here and a tensor rebuilt from them while loading is
+    uploaded -- what the old idiom ``torch.load(f, map_location=lambda s, loc: s.cuda())`` needs
+    (stock torch would try to initialize CUDA and fail)."""
+    from offload.device_mapping import map_device
+    map_device(torch.device("cuda", device) if device else torch.device("cuda"))  # cuda:1: refused
+    _remember(_to_upload_when_rebuilt, self)
+    return self
+
+
 def install():
     """Hook saving and loading (idempotent)."""
     if torch.Tensor.__reduce_ex__ is _reduce_ex:
         return
+    torch.UntypedStorage.cuda = _storage_cuda
     torch.Tensor.__reduce_ex__ = _reduce_ex
     torch.serialization.register_package(REGISTRY_PRIORITY, _tag, _deserialize)
     torch._utils._rebuild_tensor_v2 = _rebuild_tensor_v2

@@ -7,11 +7,15 @@ their meta aliasing their base's meta, so in-place ops through a view infer corr
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from offload import session
 
 VISIBLE_DEVICE = torch.device("cuda", 0)
+_TENSOR_DATA = torch._C.TensorBase.data  # the C ``Tensor.data`` descriptor
+_SUFFIX_SEPARATOR = re.compile(r", (?=[a-z_]+=)")  # between torch's repr suffixes: ", dtype=..."
 
 
 class Handle:
@@ -50,9 +54,49 @@ class RemoteTensor(torch.Tensor):
     def is_cuda(self) -> bool:
         return True
 
+    def __format__(self, format_spec):
+        # torch.Tensor.__format__ formats a 0-dim tensor's value only when ``type(self) is Tensor``;
+        # CUDA tensors do it too (f"{loss:.4f}", and torch's own printing formats element tensors).
+        if self.dim() == 0:
+            return self.detach().item().__format__(format_spec)
+        return object.__format__(self, format_spec)
+
+    def __repr__(self, *, tensor_contents=None):
+        # Printed as a CUDA tensor is: "tensor(..., device='cuda:0')" ("Parameter containing:"
+        # first for a parameter), where torch would name the subclass ("RemoteTensor(") and read
+        # the data element by element (an .item() each, a round trip each here). So the contents
+        # are formatted from one downloaded copy, and torch's suffixes (device, dtype, grad_fn ...)
+        # are taken from its own repr of this tensor and laid out after "tensor(" as torch does.
+        from torch import _tensor_str as ts
+
+        if tensor_contents is None:
+            tensor_contents = (ts._tensor_str(self.detach().cpu(), len("tensor(")) if self.numel()
+                               else "[]")
+        with ts.printoptions(linewidth=1 << 30):  # every suffix on one line, to take them apart
+            bare = super().__repr__(tensor_contents="")
+        is_param = bare.startswith("Parameter(")
+        bare = bare[len("Parameter("):-1] if is_param else bare
+        suffixes = _SUFFIX_SEPARATOR.split(bare[len(type(self).__name__) + 1:-1])[1:]
+        text = ts._add_suffixes("tensor(" + tensor_contents, suffixes, len("tensor("), False)
+        return "Parameter containing:\n" + text if is_param else text
+
+    def tolist(self):
+        # torch refuses .tolist() for tensor subclasses; a CUDA tensor's comes from the host copy.
+        return self.detach().cpu().tolist()
+
     def numpy(self, *args, **kwargs):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() "
                         "to copy the tensor to host memory first.")
+
+    def _set_data(self, new):
+        # ``param.data = t`` swaps only the TensorImpl's metadata; the wrapper's meta and remote
+        # id must follow, or ``model.half()`` / ``model.to(torch.bfloat16)`` on the device (which
+        # Module._apply does through ``.data``) leaves a half parameter naming the float tensor.
+        _TENSOR_DATA.__set__(self, new)
+        if isinstance(new, RemoteTensor):
+            self._meta, self._handle = new._meta, new._handle
+
+    data = property(_TENSOR_DATA.__get__, _set_data)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 

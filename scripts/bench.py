@@ -1,19 +1,24 @@
-"""Performance figures of the offload runtime, each a ratio measured in the same run (make bench).
+"""Performance figures of the offload runtime (issue 3), all measured in one run (make bench).
 
-1. An MLP training step on the virtual device vs the same step natively on the CPU.
-2. Upload / download throughput of a tensor vs raw ZeroMQ moving the same bytes on loopback
-   (a pyzmq DEALER and a ROUTER process that answers each message, as a worker does).
-3. Small ops streamed per second vs the same ops run natively.
+1. Async op throughput: small ops streamed per second (``a.mul_`` on 16 floats, one sync at the end).
+2. Sync round-trip latency of ``.item()`` next to a raw ZeroMQ request/reply round trip.
+3. Host-to-device (``.to(device)`` + sync) and device-to-host (``.cpu()``) bandwidth of a 64 MiB
+   tensor next to raw ZeroMQ moving the same bytes on the same socket types (a pyzmq DEALER, as
+   daemons/wire.py's Client, to a ROUTER process that answers each message, as a worker does).
+4. Training step time of the Llama-style reference model (examples/llama/train.py: its model,
+   data and step) offloaded vs natively on the CPU in this process, as a ratio; with the shape
+   cache's hit rate and the front's tracing time per step.
 
-The worker is a real worker daemon on loopback, started without a master; it and the front share
-this machine's cores, so the offloaded figures include their contention. Record the output in
-docs/PERFORMANCE.md.
+Each figure is printed with its target from issue 3 and PASS/MISS. The worker is a real worker
+daemon on loopback, started without a master; it and the front share this machine's cores, so
+the offloaded figures include their contention. Record the output in docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,18 +26,23 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import zmq
-from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "examples" / "llama"))
 
+import train as llama  # noqa: E402  (examples/llama/train.py)
 from daemons.worker.spec import WorkerSpec  # noqa: E402
-from offload import device, session  # noqa: E402
-import offload.dispatch  # noqa: E402,F401  (the transfer rules)
+from offload import activation, device, session  # noqa: E402
+import offload.dispatch  # noqa: E402  (SHAPES, the shape cache)
 
 SECRET = "bench"
+# Targets of issue 3.
+MAX_LATENCY_X = 2.0      # (2) .item() round trip at most 2x the raw one
+MIN_BANDWIDTH = 0.70     # (3) at least 70% of raw ZeroMQ bandwidth
+MAX_STEP_RATIO = 1.15    # (4) offloaded step at most 1.15x the native one
+
 RAW_SERVER = """
 import sys, zmq
 sock = zmq.Context().socket(zmq.ROUTER)
@@ -56,10 +66,10 @@ def free_address() -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-def start_worker(tmp: Path, memory_cap: int) -> tuple[subprocess.Popen, str]:
+def start_worker(tmp: Path, memory_cap: int, threads: int = 1) -> tuple[subprocess.Popen, str]:
     address = free_address()
     WorkerSpec(job_id=1, gpu=0, rank=0, world_size=1, job_secret=SECRET, rendezvous="",
-               memory_cap=memory_cap, bind=address).save(tmp / "spec.json")
+               memory_cap=memory_cap, bind=address, threads=threads).save(tmp / "spec.json")
     config = tmp / "moai.toml"
     config.touch()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOAI_")}
@@ -82,7 +92,7 @@ def best_of(fn, repeats: int) -> float:
 def compare(a, b, rounds: int, repeats: int) -> tuple[float, float]:
     """Best times of ``a`` and ``b`` measured in alternating rounds, so that a burst of load on
     the machine hits both sides of a ratio alike."""
-    a(), b()  # warm-up: first-call costs (meta kernels, optimizer state, connections)
+    a(), b()  # warm-up: first-call costs (meta kernels, connections)
     best_a = best_b = float("inf")
     for _ in range(rounds):
         best_a = min(best_a, best_of(a, repeats))
@@ -90,25 +100,33 @@ def compare(a, b, rounds: int, repeats: int) -> tuple[float, float]:
     return best_a, best_b
 
 
-# --- 1. training step ---------------------------------------------------------------------------
-def mlp_step(dev, hidden: int, batch: int):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                          nn.Linear(hidden, 10)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-    x, y = torch.randn(batch, hidden).to(dev), torch.randint(0, 10, (batch,)).to(dev)
-
-    def step():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        loss.item()  # a training loop logs its loss: one round trip per step
-
-    return step
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
 
 
-# --- 2. transfers ---------------------------------------------------------------------------------
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --- 1. small ops -----------------------------------------------------------------------------------
+def small_ops(dev, n: int):
+    a = torch.ones(16, device=dev)
+
+    def run():
+        for _ in range(n):
+            a.mul_(1.0001)
+        session.synchronize()
+
+    return run
+
+
+# --- 2. and 3. round trips and transfers --------------------------------------------------------
+def item_round_trip(dev):
+    x = torch.ones(1, device=dev)
+    session.synchronize()
+    return lambda: x.item()
+
+
 def transfers(dev, nbytes: int):
     host = torch.ones(nbytes // 4)
     remote = host.to(dev)
@@ -125,12 +143,13 @@ def transfers(dev, nbytes: int):
 
 
 def raw_zmq(nbytes: int):
-    """put/fetch of the same bytes over plain pyzmq to a ROUTER process; and a closer."""
+    """put/fetch of ``nbytes`` over plain pyzmq (DEALER) to a ROUTER process; and a closer. With a
+    few bytes, fetch is a raw request/reply round trip."""
     address = free_address()
     server = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address])
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(address)
-    payload = torch.ones(nbytes // 4).numpy()
+    payload = torch.ones(max(1, nbytes // 4)).numpy()
 
     def put():
         sock.send_multipart([b"put", payload], copy=False)
@@ -149,58 +168,131 @@ def raw_zmq(nbytes: int):
     return put, fetch, close
 
 
-# --- 3. small ops ---------------------------------------------------------------------------------
-def small_ops(dev, n: int):
-    a = torch.ones(16, device=dev)
+# --- 4. the reference model's training step -----------------------------------------------------
+def llama_steps(dev: str, args):
+    """A step function of examples/llama/train.py's model, data and step on ``dev`` ("cuda": the
+    virtual device, as the script sees it under MoAI; "cpu": native): each call trains one step,
+    ends it as the script does (``torch.cuda.synchronize()``, ``loss.item()``) and returns
+    (step seconds, seconds until the step was traced). Same seed, so both devices see the same
+    batches and initial weights."""
+    torch.manual_seed(args.seed)
+    data = torch.frombuffer(bytearray(llama.CORPUS.read_bytes()), dtype=torch.uint8).long()
+    generator = torch.Generator().manual_seed(args.seed)
+    model = llama.Llama(max_len=max(128, args.seq_len)).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 
-    def run():
-        for _ in range(n):
-            a.mul_(1.0001)
-        if a.device.type != "cpu":
-            session.synchronize()
+    def step() -> tuple[float, float]:
+        started = time.perf_counter()
+        inputs, targets = llama.sample_batch(data, args.batch_size, args.seq_len, generator)
+        inputs, targets = inputs.to(dev), targets.to(dev)
+        loss = llama.train_step(model, optimizer, inputs, targets, dev)
+        traced = time.perf_counter()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        loss.item()
+        return time.perf_counter() - started, traced - started
 
-    return run
+    return step
+
+
+def bench_llama(args) -> dict:
+    """Warm-up steps on both sides, then the timed steps in alternating rounds."""
+    offloaded, native = llama_steps("cuda", args), llama_steps("cpu", args)
+    for _ in range(args.warmup):
+        offloaded(), native()
+    shapes = offload.dispatch.SHAPES
+    hits, misses = shapes.hits, shapes.misses
+    stream = session.current().stream
+    seq = stream.seq
+    off_times, traced, native_times = [], [], []
+    per_round = max(1, args.steps // args.rounds)
+    for _ in range(args.rounds):
+        for _ in range(per_round):
+            total, t = offloaded()
+            off_times.append(total)
+            traced.append(t)
+        native_times.extend(native()[0] for _ in range(per_round))
+    return {"offloaded": statistics.median(off_times), "native": statistics.median(native_times),
+            "traced": statistics.median(traced), "steps": len(off_times),
+            "hits": shapes.hits - hits, "misses": shapes.misses - misses,
+            "records": (stream.seq - seq) / len(off_times)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--ops", type=int, default=5000, help="(1) small ops per timed stream")
+    parser.add_argument("--round-trips", type=int, default=2000, help="(2) round trips per side")
+    parser.add_argument("--mib", type=int, default=64, help="(3) size of the transferred tensor")
+    parser.add_argument("--batch-size", type=int, default=8, help="(4) as train.py's option")
+    parser.add_argument("--seq-len", type=int, default=64, help="(4) as train.py's option")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=3, help="(4) untimed steps on each side")
+    parser.add_argument("--steps", type=int, default=40, help="(4) timed steps on each side")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per comparison")
-    parser.add_argument("--mib", type=int, default=64, help="size of the transferred tensor")
-    parser.add_argument("--ops", type=int, default=5000)
+    # One thread on both sides by default: the virtual GPU computes on one (config worker_threads),
+    # and on a small, busy host more threads make torch's small kernels slower, not faster.
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process: the front and the native run")
+    parser.add_argument("--worker-threads", type=int, default=1, help="torch threads of the worker")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the worker uses one thread per virtual GPU (worker_threads)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        worker, address = start_worker(Path(tmp), memory_cap=4 << 30)
+        worker, address = start_worker(Path(tmp), memory_cap=4 << 30, threads=args.worker_threads)
         try:
-            device.register()
+            activation.activate()  # as the hook does in a user's process: cuda:0 is the virtual device
             session.connect([address], SECRET)
             dev = device.DEVICE
+            print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  {platform.node()}  {os.cpu_count()} CPUs  "
+                  f"{load()}  torch {torch.__version__}  pyzmq {zmq.__version__}")
+            print(f"# one worker daemon on loopback tcp ({args.worker_threads} torch thread(s)); "
+                  f"this process (front, native run): {args.threads} torch thread(s)")
+
+            run = small_ops(dev, args.ops)
+            run()  # warm-up
+            ops_s = args.ops / min(best_of(run, 1) for _ in range(args.rounds))
+            print(f"(1) async op throughput: {ops_s:,.0f} ops/s ({args.ops} x a.mul_ on 16 floats, "
+                  f"one sync; best of {args.rounds})  target: none set by issue 3  -> n/a", flush=True)
+
+            item = item_round_trip(dev)
+            raw_put, raw_get, close_raw = raw_zmq(4)
+            try:
+                n = max(1, args.round_trips // (args.rounds * 5))  # best mean of 5 x rounds batches
+                item_s, raw_s = compare(lambda: [item() for _ in range(n)],
+                                        lambda: [raw_get() for _ in range(n)], args.rounds, 5)
+            finally:
+                close_raw()
+            item_s, raw_s = item_s / n, raw_s / n
+            print(f"(2) .item() round trip: {item_s * 1e6:.0f} us vs raw zmq request/reply "
+                  f"{raw_s * 1e6:.0f} us = {item_s / raw_s:.2f}x  target <= {MAX_LATENCY_X:g}x  -> "
+                  f"{verdict(item_s / raw_s <= MAX_LATENCY_X)}", flush=True)
+
             nbytes = args.mib << 20
-            print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {os.cpu_count()} CPUs  "
-                  f"torch {torch.__version__}  pyzmq {zmq.__version__}")
-            native, remote = compare(mlp_step(torch.device("cpu"), args.hidden, args.batch),
-                                     mlp_step(dev, args.hidden, args.batch), args.rounds, 5)
-            print(f"mlp step (hidden {args.hidden}, batch {args.batch}, AdamW): native {native * 1e3:.2f} ms, "
-                  f"offloaded {remote * 1e3:.2f} ms, ratio {remote / native:.2f}x")
             put, fetch = transfers(dev, nbytes)
             raw_put, raw_fetch, close_raw = raw_zmq(nbytes)
             try:
-                put_s, raw_put_s = compare(put, raw_put, args.rounds, 2)
-                fetch_s, raw_fetch_s = compare(fetch, raw_fetch, args.rounds, 2)
+                put_s, raw_put_s = compare(put, raw_put, args.rounds, 3)
+                fetch_s, raw_fetch_s = compare(fetch, raw_fetch, args.rounds, 3)
             finally:
                 close_raw()
+            del put, fetch
             gib = nbytes / (1 << 30)
-            print(f"put {args.mib} MiB: {gib / put_s:.2f} GiB/s vs raw zmq {gib / raw_put_s:.2f} GiB/s, "
-                  f"ratio {raw_put_s / put_s:.2f}")
-            print(f"fetch {args.mib} MiB: {gib / fetch_s:.2f} GiB/s vs raw zmq {gib / raw_fetch_s:.2f} GiB/s, "
-                  f"ratio {raw_fetch_s / fetch_s:.2f}")
-            native_s, remote_s = compare(small_ops(torch.device("cpu"), args.ops), small_ops(dev, args.ops),
-                                         args.rounds, 1)
-            print(f"small ops streamed: {args.ops / remote_s:,.0f} ops/s vs native {args.ops / native_s:,.0f} "
-                  f"ops/s, ratio {native_s / remote_s:.3f}")
+            for name, ours, raw in (("host-to-device", put_s, raw_put_s), ("device-to-host", fetch_s, raw_fetch_s)):
+                print(f"(3) {name} {args.mib} MiB: {gib / ours:.2f} GiB/s vs raw zmq {gib / raw:.2f} GiB/s "
+                      f"= {raw / ours:.1%}  target >= {MIN_BANDWIDTH:.0%}  -> {verdict(raw / ours >= MIN_BANDWIDTH)}",
+                      flush=True)
+
+            r = bench_llama(args)
+            ratio = r["offloaded"] / r["native"]
+            print(f"(4) Llama training step (train.py, batch {args.batch_size}, seq {args.seq_len}): "
+                  f"offloaded {r['offloaded'] * 1e3:.1f} ms vs native {r['native'] * 1e3:.1f} ms = {ratio:.2f}x  "
+                  f"target <= {MAX_STEP_RATIO:g}x  -> {verdict(ratio <= MAX_STEP_RATIO)}")
+            looked_up = r["hits"] + r["misses"]
+            print(f"    median of {r['steps']} steps after {args.warmup} warm-up; per offloaded step: "
+                  f"{r['records']:.0f} op records, front tracing {r['traced'] * 1e3:.1f} ms; shape cache "
+                  f"{r['hits'] / max(1, looked_up):.1%} hits ({r['hits']} hits, {r['misses']} misses)")
+            print(f"# {load()}; bench took {time.perf_counter() - started:.0f} s")
         finally:
             session.close()
             worker.terminate()

@@ -6,12 +6,15 @@
 # BASE_IMAGE=python:3.11-slim (the OS bootstrap is then skipped).
 #
 # Every step is cached: the OS base by its recipe tag, the wheelhouse by its requirement list, the
-# image layers by docker. Only the platform's own wheel changes when the code changes, and it is
-# the last layer of each image, so a rebuild after a code change takes seconds.
+# dependency images by their base and requirement lists, the image layers by docker. Only the
+# platform's own wheel changes when the code changes, and it is the last layer of each image, so a
+# rebuild after a code change takes seconds.
 #
 # Environment knobs: BASE_IMAGE, IMAGE_PREFIX (default "moai"), MOAI_IMAGE_CACHE (default
 # ~/.cache/moai-images), TORCH_SPEC (default torch==2.13.0), PYTHON (host python, default python3).
 set -euo pipefail
+# A failing command inside $(...) stops the build instead of yielding a half-made tag.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
@@ -55,8 +58,8 @@ bootstrap_os_base() {
     echo "$tag"
 }
 
-# --- 2. Wheelhouse on the host: control-plane deps and torch apart, so the master's context and
-#        image carry no torch ----------------------------------------------------------------------
+# --- 2. Wheelhouse on the host: control-plane deps and torch apart, so the master's image carries
+#        no torch ------------------------------------------------------------------------------------
 project_requirements() {
     "$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]))'
 }
@@ -71,7 +74,40 @@ fill_wheelhouse() {  # DIR REQUIREMENTS_FILE PYTHON_VERSION: pip download only w
     cp "$reqs" "$dir/requirements.txt"
 }
 
-# --- 3. Build contexts: small directories of hard links, so docker sends only what is needed ----
+# --- 3. Dependency images: /opt/moai installed in a container from the bind-mounted wheelhouse and
+#        committed, once per base image and requirement list. A Dockerfile stage would put the
+#        wheels in a layer, install, and copy the venv once more into the final image: torch
+#        written three times on a cold build; here it is written once, and no .whl enters an image.
+deps_image() {  # NAME FROM_IMAGE WHEEL_SET...: prints the tag of FROM_IMAGE plus those wheel sets
+    local name=$1 from=$2; shift 2
+    local set key tag container args=()
+    key=$({ docker image inspect -f '{{.Id}}' "$from"
+            for set in "$@"; do cat "$CACHE/wheels/$set/requirements.txt"; done; } | sha256sum | cut -c1-12)
+    tag="$IMAGE_PREFIX/deps-$name:$key"
+    if docker image inspect "$tag" >/dev/null 2>&1; then
+        echo "$tag"; return
+    fi
+    local t0; t0=$(date +%s)
+    for set in "$@"; do args+=(--find-links "/wheels/$set" -r "/wheels/$set/requirements.txt"); done
+    container="moai-deps-$name-$$"
+    # /tmp and /root/.cache are emptied in the same container: the commit keeps no pip leftovers.
+    if ! docker run --name "$container" --network none -v "$CACHE/wheels:/wheels:ro" "$from" sh -ec '
+            [ -x /opt/moai/bin/pip ] || python3 -m venv /opt/moai
+            /opt/moai/bin/pip install -q --no-index --no-cache-dir --disable-pip-version-check "$@"
+            rm -rf /tmp/* /root/.cache' pip-install "${args[@]}" >&2 \
+       || ! docker commit -c 'CMD ["/bin/bash"]' "$container" "$tag" >/dev/null; then
+        docker rm -f "$container" >/dev/null
+        return 1
+    fi
+    docker rm "$container" >/dev/null
+    # Earlier recipes' tags go (untagging only: an image still built on one keeps its layers).
+    docker image ls --format '{{.Repository}}:{{.Tag}}' "$IMAGE_PREFIX/deps-$name" \
+        | { grep -vxF "$tag" || true; } | xargs -r docker rmi >/dev/null
+    echo "dependency image $tag built in $(elapsed "$t0")" >&2
+    echo "$tag"
+}
+
+# --- 4. Build contexts: small directories of hard links, so docker sends only what is needed ----
 stage_context() {  # NAME SOURCES...: a fresh context dir holding the given files/dirs
     local ctx="$CACHE/context/$1"; shift
     rm -rf "$ctx" && mkdir -p "$ctx"
@@ -101,10 +137,16 @@ main() {
     rm -rf "$CACHE/dist" && mkdir -p "$CACHE/dist"
     "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$CACHE/dist" . >/dev/null
 
+    log "dependency images"
+    local control_deps front_deps
+    control_deps=$(deps_image control "$base" control)
+    # The front's on top of the master's: both images share the control-plane layer.
+    front_deps=$(deps_image front "$control_deps" torch)
+    echo "$control_deps, $front_deps"
+
     local front_ctx control_ctx
-    front_ctx=$(stage_context front "$CACHE/wheels" "$CACHE/dist" images/healthcheck.py)
+    front_ctx=$(stage_context front "$CACHE/dist" images/healthcheck.py)
     control_ctx=$(stage_context control "$CACHE/dist" images/healthcheck.py daemons/supervisord)
-    mkdir -p "$control_ctx/wheels" && cp -al "$CACHE/wheels/control" "$control_ctx/wheels/"
 
     build() {  # IMAGE CONTEXT [build args...]
         local image=$1 ctx=$2; shift 2
@@ -113,8 +155,8 @@ main() {
         docker build -q --force-rm -f "images/$image/Dockerfile" -t "$IMAGE_PREFIX/$image:latest" "$@" "$ctx"
         echo "$IMAGE_PREFIX/$image built in $(elapsed "$t")"
     }
-    build master "$control_ctx" --build-arg BASE_IMAGE="$base"
-    build base "$front_ctx" --build-arg BASE_IMAGE="$base"
+    build master "$control_ctx" --build-arg DEPS_IMAGE="$control_deps"
+    build base "$front_ctx" --build-arg DEPS_IMAGE="$front_deps"
     build backnode "$control_ctx" --build-arg FRONT_IMAGE="$IMAGE_PREFIX/base:latest"
 
     log "images (total build time $(elapsed "$build_start"))"

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy, register_op_strategy
 from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons import wire
@@ -73,6 +74,41 @@ def _count_collectives():
         setattr(funcol, name, counted)
 
 
+def _draws_random(op, args, kwargs) -> bool:
+    """Whether an op draws random numbers (rule 2: it then runs whole). Attention ops are tagged
+    random for their dropout; with ``dropout_p`` 0 (the default) they draw nothing."""
+    if torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    names = [a.name for a in op._schema.arguments]
+    if "dropout_p" not in names:
+        return True
+    i = names.index("dropout_p")
+    return bool(kwargs.get("dropout_p", args[i] if i < len(args) else 0.0))
+
+
+# DTensor has no rules for the CPU flash attention (CUDA's has them): the backward ran on
+# all-gathered whole tensors in every attention layer, the forward all-gathered q, k and v.
+# Attention is independent per batch element, so batch-sharded attention is exact. An
+# ``attn_mask`` stays replicated (one with a full batch dim then fails locally and the op runs
+# whole, as before); with dropout the forward runs whole by rule 2.
+@register_op_strategy(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def _cpu_flash_attention(op_schema):
+    inputs = sum(1 for arg in op_schema.args_schema if hasattr(arg, "strategies"))
+    # [out, logsumexp, q, k, v, (attn_mask)]
+    strategies = [[Replicate()] * (2 + inputs), [Shard(0)] * 5 + [Replicate()] * (inputs - 3)]
+    return expand_to_full_mesh_op_strategy(op_schema.get_mesh_from_args(), op_schema, strategies,
+                                           input_index=2)
+
+
+@register_op_strategy(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def _cpu_flash_attention_backward(op_schema):
+    inputs = sum(1 for arg in op_schema.args_schema if hasattr(arg, "strategies"))
+    # [grad_q, grad_k, grad_v, grad_out, q, k, v, out, logsumexp, (attn_mask)]
+    strategies = [[Replicate()] * (3 + inputs), [Shard(0)] * 9 + [Replicate()] * (inputs - 6)]
+    return expand_to_full_mesh_op_strategy(op_schema.get_mesh_from_args(validate=False), op_schema,
+                                           strategies, input_index=3)
+
+
 class GroupBroken(RuntimeError):
     """A collective failed: a peer died or stopped answering; the job cannot go on."""
 
@@ -98,28 +134,43 @@ class SpmdBackend:
         # program's hints did (logged at exit, in memory_stats).
         self.placed: Counter[str] = Counter()
         self.broken: str | None = None
-        self._params: dict[int, DTensor] = {}   # replicated params, re-placed if ZeRO switches on
+        # Storages of the parameters uploaded replicated: re-placed if ZeRO-3 switches on.
+        self._param_storages: set[int] = set()
 
     # --- uploads ----------------------------------------------------------------------------------
-    def place(self, tid: int, tensor: torch.Tensor, kind: str | None) -> dict[int, DTensor]:
-        """Place an upload (every rank receives the same whole tensor); returns table entries."""
+    def place(self, tid: int, tensor: torch.Tensor, kind: str | None) -> tuple[DTensor, bool]:
+        """Place an upload (every rank receives the same whole tensor): its table entry, and whether
+        it switched parameters to sharded (the caller then re-places the table with ``reshard``)."""
         switched = self.policy.admit(kind, tensor.numel() * tensor.element_size())
         placement = self.policy.placement(kind, tensor.shape)
         self.placed[f"{kind or 'untagged'} -> {'shard' if placement.is_shard() else 'replicate'}"] += 1
-        entries = {tid: self._slice(tensor, placement)}
+        placed = self._slice(tensor, placement)
         if switched:
             log.info("parameters (%d bytes) exceed the replicated budget: sharding them (ZeRO-3)",
                      self.policy.param_bytes)
-            for pid, param in self._params.items():
-                entries[pid] = self._slice(param.to_local(), self.policy.placement(kind, param.shape))
-            self._params.clear()
         elif kind == "param" and not self.policy.shard_params:
-            self._params[tid] = entries[tid]
-        return entries
+            self._param_storages.add(placed.to_local().untyped_storage().data_ptr())
+        return placed, switched
 
-    def forget(self, ids):
-        for tid in ids:
-            self._params.pop(tid, None)
+    def reshard(self, t, done: dict[int, DTensor]) -> DTensor | None:
+        """At the ZeRO-3 switch: ``t`` as a sharded parameter if it is a whole replicated parameter
+        uploaded before (the upload itself, or an alias of it: the front's ``nn.Parameter`` is one),
+        else None. ``done`` maps a storage to its new entry, so aliases stay one tensor."""
+        if not isinstance(t, DTensor) or not t.placements[0].is_replicate():
+            return None
+        piece = t.to_local()
+        storage = piece.untyped_storage()
+        whole = (piece.storage_offset() == 0 and piece.is_contiguous()
+                 and piece.numel() * piece.element_size() == storage.nbytes())
+        if not whole or storage.data_ptr() not in self._param_storages:
+            return None
+        placement = self.policy.placement("param", t.shape)
+        if not placement.is_shard():
+            return None
+        if storage.data_ptr() not in done:
+            done[storage.data_ptr()] = self._slice(piece, placement)
+            self.placed["param re-placed -> shard"] += 1
+        return done[storage.data_ptr()]
 
     def _slice(self, full: torch.Tensor, placement) -> DTensor:
         # Every rank holds the same whole tensor: cutting out this rank's piece needs no traffic.
@@ -144,7 +195,7 @@ class SpmdBackend:
         args, kwargs = tree_map(self._replicated, (args, kwargs))
         if not any(isinstance(t, DTensor) for t in tree_flatten((args, kwargs))[0]):
             return tree_map(self._replicated, op(*args, **kwargs))   # factories: arange, randn...
-        if torch.Tag.nondeterministic_seeded in op.tags:
+        if _draws_random(op, args, kwargs):
             return self._run_whole(op, args, kwargs)
         try:
             out = op(*args, **kwargs)
@@ -272,8 +323,16 @@ class SpmdExecutor(Executor):
     def put(self, msg):
         body = msg.body
         tid, tensor = wire.field(body, "id", int), wire.field(body, "tensor", torch.Tensor)
-        for tid, placed in self.backend.place(tid, tensor, wire.field(body, "shard", str, None)).items():
-            self._store(tid, placed)
+        placed, switched = self.backend.place(tid, tensor, wire.field(body, "shard", str, None))
+        self._store(tid, placed)
+        if switched:
+            # Parameters uploaded before are re-placed with every alias of them in the table (the
+            # program holds the aliases); the replicated storage goes with the last reference.
+            done: dict[int, DTensor] = {}
+            for other, t in list(self.tensors.items()):
+                sharded = self.backend.reshard(t, done)
+                if sharded is not None:
+                    self._store(other, sharded)
         return wire.NO_REPLY
 
     def fetch(self, msg):
@@ -286,10 +345,6 @@ class SpmdExecutor(Executor):
 
     def memory_stats(self, msg):
         return {**super().memory_stats(msg), **self.backend.stats()}
-
-    def free(self, msg):
-        self.backend.forget(tid for tid in wire.field(msg.body, "ids", list) if isinstance(tid, int))
-        return super().free(msg)
 
     def close(self):
         super().close()

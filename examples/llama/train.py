@@ -111,6 +111,18 @@ def sample_batch(data, batch_size, seq_len, generator):
     return window[:, :-1], window[:, 1:]
 
 
+def train_step(model, optimizer, inputs, targets, device_type, amp=False):
+    """One optimizer step on a batch; returns the loss tensor, not yet read back."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -134,13 +146,7 @@ def main(argv=None):
         started = time.time()
         inputs, targets = sample_batch(data, args.batch_size, args.seq_len, generator)
         inputs, targets = inputs.to(device), targets.to(device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.amp):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, inputs, targets, device, args.amp)
         if device == "cuda":
             torch.cuda.synchronize()
         loss_value = loss.item()

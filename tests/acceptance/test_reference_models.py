@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import start_cluster
+from tests.cluster import start_cluster, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -77,8 +77,19 @@ def offloaded(cluster, name: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", ["mlp", "llama"])
 def test_reference_model_matches_native_cpu(cluster, native_losses, name, gpus):
     cluster.client().call("set_device_flavor", {"flavor": FLAVOR_FOR_GPUS[gpus]})
+    logs = [f"worker-{gpu:02d}" for gpu in range(4)]
+    before = [len(cluster.head.log(log)) for log in logs]
     out = offloaded(cluster, name)
     assert out.returncode == 0, out.stderr[-3000:]
+    if gpus > 1:
+        # The front's hints reach the workers: each worker of the job logs at exit where its
+        # uploads went (spmd.py), and the batches were split over them.
+        def exit_lines():
+            text = "".join(cluster.head.log(log)[start:] for log, start in zip(logs, before))
+            found = re.findall(r"uploads by hint -> placement: (\{.*\})", text)
+            return found if len(found) == gpus else None
+        placed = wait_until(exit_lines, 60, "the workers' exit logs")
+        assert all("'batch -> shard'" in p and "'param -> replicate'" in p for p in placed), placed
     got, want = losses(out.stdout), native_losses(name)
     assert len(got) == len(want)
     assert got == pytest.approx(want, rel=RTOL[gpus]), f"offloaded {got} vs native {want}"

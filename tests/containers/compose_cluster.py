@@ -26,14 +26,16 @@ UP_TIMEOUT_S = 180.0       # `up` waits for the master's health check before sta
 DOWN_TIMEOUT_S = 120.0
 REGISTER_TIMEOUT_S = 120.0
 POLL_S = 1.0
+RESTART_TIMEOUT_S = 60.0
 # Asks the master from inside its own container: its port is not published on the host, and the
 # in-container settings (MOAI_MASTER_ADDR, MOAI_CLUSTER_SECRET) are the ones the cluster runs with.
-ADMIN_CALL = """
+# Without a user token the request goes with the cluster secret (the operator's requests).
+MASTER_CALL = """
 import json, sys
 sys.modules["torch"] = None
 from daemons import config, wire
 s = config.load()
-c = wire.Client(s.master_addr, token=s.cluster_secret, timeout_s=5.0)
+c = wire.Client(s.master_addr, token=sys.argv[2] or s.cluster_secret, timeout_s=5.0)
 try:
     print(json.dumps(c.call(sys.argv[1]), default=str))
 finally:
@@ -95,8 +97,11 @@ class ComposeCluster:
         assert found, f"no running {service} container in project {self.project}"
         return found[0]
 
-    def admin_call(self, op: str) -> dict:
-        code, out = self.container("master").exec_run(["python", "-c", ADMIN_CALL, op], demux=True)
+    def restart(self, service: str):
+        self.compose("restart", "--timeout", "10", service, timeout_s=RESTART_TIMEOUT_S)
+
+    def ask_master(self, op: str, token: str = "") -> dict:
+        code, out = self.container("master").exec_run(["python", "-c", MASTER_CALL, op, token], demux=True)
         stdout, stderr = (part.decode(errors="replace") if part else "" for part in out)
         assert code == 0, f"{op} at the master failed ({code}): {stderr}"
         return json.loads(stdout)
@@ -106,7 +111,7 @@ class ComposeCluster:
         seen: list[dict] = []
         while time.monotonic() < deadline:
             try:
-                seen = self.admin_call("list_nodes")["nodes"]
+                seen = self.ask_master("list_nodes")["nodes"]
             except (AssertionError, docker.errors.APIError):
                 seen = []  # the master is still starting
             if {n["node"] for n in seen if n["alive"]} >= set(nodes):

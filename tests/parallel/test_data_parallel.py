@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from daemons import wire
+from daemons.wire import RemoteRef
 from daemons.worker.local_job import LocalJob
 from daemons.worker.op_recording import record_mlp_training
 
@@ -71,6 +72,24 @@ def test_zero3_when_replicated_state_does_not_fit(reference):
         check_matches_native(job, recorder, model)
         held = max(reply["allocated"] for reply in job.call("memory_stats", {}))
         assert held < 3 * params       # replicated, params + two moments alone are 3x
+
+
+def test_zero3_re_places_aliases_of_earlier_parameters():
+    """The front's ``nn.Parameter`` is a ``detach`` of the uploaded tensor, whose own id is freed:
+    the switch to ZeRO-3 must re-place that alias too, or the replicated copy stays held."""
+    params = [torch.randn(64, 32) for _ in range(4)]
+    nbytes = params[0].nbytes
+    cap = int(4 * 3.5 * nbytes / 0.75)       # 4 * P passes 3/4 of the cap at the 4th upload
+    with LocalJob(2, memory_cap=cap) as job:
+        for i, p in enumerate(params):
+            upload, param = 2 * i + 1, 2 * i + 2
+            job.send("put", {"id": upload, "tensor": p, "shard": "param"})
+            job.send("run_ops", {"ops": [[i + 1, "aten::detach", [RemoteRef(upload)], {}, param]]})
+            job.send("free", {"ids": [upload]})
+        held = [reply["allocated"] for reply in job.call("memory_stats", {})]
+        assert held == [len(params) * nbytes // 2] * 2       # each rank: half of every parameter
+        for i, p in enumerate(params):
+            torch.testing.assert_close(job.fetch(2 * i + 2), p)
 
 
 def test_dead_peer_is_an_error_not_a_hang():

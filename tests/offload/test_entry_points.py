@@ -1,0 +1,614 @@
+"""The entry points a single-GPU program uses (issue 3, docs in ../shared/DESIGN.md), on the
+virtual device with the layer activated as in a user's process, against plain CPU PyTorch.
+
+In-process tests run on the session's ``dev`` worker (conftest.py) after ``activation.activate()``,
+so ``"cuda"`` means the virtual device here exactly as in an unmodified program. Things that need
+a process of their own (forked DataLoader workers) run a small front program in a subprocess.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker_fixture import REPO_ROOT, SECRET, clean_env, start_worker
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def active(dev):
+    """The layer switched on as ``import torch`` does it in a user's process (idempotent)."""
+    from offload import activation, device_mapping
+
+    activation.activate()
+    device_mapping.install()  # again: a fixture of test_offload_training.py uninstalls it
+    yield
+
+
+def same(remote, local, **tol):
+    assert remote.is_cuda and remote.device == torch.device("cuda", 0)
+    got = remote.detach().cpu()
+    assert got.dtype == local.dtype and got.shape == local.shape, (got.dtype, local.dtype)
+    if tol:
+        torch.testing.assert_close(got, local.detach(), **tol)
+    else:
+        assert torch.equal(got, local.detach()), (got, local)
+
+
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def mlp(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+# --- 1. autocast ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_cuda_runs_matmuls_low_and_losses_in_float32(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    rlin = copy.deepcopy(lin).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        out = rlin(x.cuda())
+        loss = F.cross_entropy(out, y.cuda())
+    assert out.dtype == dtype and loss.dtype == torch.float32
+    loss.backward()
+    # CUDA's policy by hand: linear in the low dtype; cross_entropy's log_softmax is given the
+    # logits' dtype (so CUDA keeps it low), nll_loss runs in float32; grads come back fp32.
+    ref_out = F.linear(x.to(dtype), lin.weight.to(dtype), lin.bias.to(dtype))
+    ref_loss = F.nll_loss(F.log_softmax(ref_out, 1, dtype=dtype).float(), y)
+    ref_loss.backward()
+    same(out, ref_out)
+    same(loss, ref_loss, **FP32)
+    for p, q in zip(lin.parameters(), rlin.parameters()):
+        assert q.grad.dtype == torch.float32
+        same(q.grad, p.grad, **FP32)
+
+
+def test_autocast_state_queries_and_checkpoint_recomputation():
+    x, w = torch.randn(3, 4).cuda(), torch.randn(4, 4).cuda()
+    with torch.autocast("cuda"):
+        assert (x @ w).dtype == torch.float16  # CUDA's default autocast dtype
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled() and torch.is_autocast_enabled("cuda")
+        assert torch.get_autocast_dtype("cuda") == torch.bfloat16
+        with torch.autocast("cuda", enabled=False):
+            assert not torch.is_autocast_enabled("cuda") and (x @ w).dtype == torch.float32
+    assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled()
+    assert not torch.is_autocast_enabled("cpu")
+
+    # torch.utils.checkpoint recomputes under the autocast state it reads for x.device.type.
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)).cuda()
+    grads = []
+    for checkpointed in (False, True):
+        block.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            inputs = x.clone().requires_grad_()
+            out = (torch.utils.checkpoint.checkpoint(block, inputs, use_reentrant=False)
+                   if checkpointed else block(inputs))
+            assert out.dtype == torch.bfloat16
+            out.float().pow(2).sum().backward()
+        grads.append([inputs.grad.cpu()] + [p.grad.cpu() for p in block.parameters()])
+    for g, ref in zip(grads[1], grads[0]):
+        assert torch.equal(g, ref)
+
+
+# --- 2. GradScaler -------------------------------------------------------------------------------
+def _scaler_run(model, scaler, dev, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    x, y = x.to(dev), y.to(dev)
+    losses, scales = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        inputs = x * float("inf") if step == 1 else x  # step 1: inf gradients, the step is skipped
+        loss = F.cross_entropy(model(inputs), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+        scales.append(scaler.get_scale())
+    return losses, scales
+
+
+def _amp_scaler(device):
+    return torch.amp.GradScaler(device, init_scale=2.0 ** 10, growth_interval=2)
+
+
+def _cuda_amp_scaler(device):
+    if device == "cpu":
+        return _amp_scaler("cpu")
+    with pytest.warns(FutureWarning, match="deprecated"):
+        return torch.cuda.amp.GradScaler(init_scale=2.0 ** 10, growth_interval=2)
+
+
+@pytest.mark.parametrize("make", [_amp_scaler, _cuda_amp_scaler], ids=["amp", "cuda.amp"])
+def test_grad_scaler_matches_the_cpu_and_skips_inf_steps(make):
+    local = mlp()
+    remote = copy.deepcopy(local).cuda()
+    ref_losses, ref_scales = _scaler_run(local, make("cpu"), "cpu", 4)
+    scaler = make("cuda")
+    assert scaler.is_enabled()
+    losses, scales = _scaler_run(remote, scaler, "cuda", 4)
+    assert ref_scales == [2.0 ** 10, 2.0 ** 9, 2.0 ** 9, 2.0 ** 10]  # the reference did skip step 1
+    assert scales == ref_scales
+    torch.testing.assert_close(losses[0::2], ref_losses[0::2], **FP32)
+    assert losses[1] != losses[1]  # nan, as on the CPU
+    for p, q in zip(local.parameters(), remote.parameters()):
+        same(q, p, **FP32)
+
+
+# --- 3. pin_memory, non_blocking, DataLoader workers ----------------------------------------------
+def test_pin_memory_and_non_blocking_copies():
+    host = torch.randn(4, 5)
+    pinned = host.pin_memory()
+    assert torch.equal(pinned, host)
+    remote = pinned.to("cuda", non_blocking=True)
+    doubled = remote.cuda(non_blocking=True) * 2
+    torch.cuda.synchronize()
+    same(doubled, host * 2)
+    back = doubled.to("cpu", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(back, host * 2)
+
+
+DATALOADER_PROGRAM = textwrap.dedent("""\
+    import sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if sys.argv[1] == "cpu":
+        device = "cpu"
+    else:
+        from offload import activation, session
+        activation.activate()
+        session.connect([sys.argv[2]], sys.argv[3])
+        device = "cuda"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)  # before the fork
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g))
+    loader = DataLoader(data, batch_size=8, num_workers=2, pin_memory=True,
+                        multiprocessing_context="fork")
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        print("loss", repr(loss.item()), flush=True)
+""")
+
+
+def test_dataloader_fork_workers_and_pinning_after_the_model_is_on_the_device(tmp_path):
+    program = tmp_path / "loader.py"
+    program.write_text(DATALOADER_PROGRAM)
+    env = clean_env(tmp_path)
+    native = subprocess.run([sys.executable, str(program), "cpu"], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=REPO_ROOT)
+    assert native.returncode == 0, native.stderr[-3000:]
+    w = start_worker(tmp_path / "worker")
+    try:
+        out = subprocess.run([sys.executable, str(program), "cuda", w.address, SECRET],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    finally:
+        w.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Warning" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    losses = [float(line.split()[1]) for line in out.stdout.splitlines()]
+    ref = [float(line.split()[1]) for line in native.stdout.splitlines()]
+    assert len(losses) == 6
+    torch.testing.assert_close(losses, ref, **FP32)
+
+
+# --- 4. torch.save / torch.load ------------------------------------------------------------------
+def test_save_and_load_tensors_and_state_dicts(tmp_path):
+    a = torch.randn(3, 4)
+    ra = a.cuda()
+    torch.save({"t": ra, "view": ra[1:], "host": a}, tmp_path / "t.pt")
+    loaded = torch.load(tmp_path / "t.pt")
+    same(loaded["t"], a)
+    same(loaded["view"], a[1:])
+    assert loaded["host"].device.type == "cpu"
+    for where in ("cuda", torch.device("cuda", 0)):
+        same(torch.load(tmp_path / "t.pt", map_location=where)["t"], a)
+    for where in ("cpu", {"cuda:0": "cpu"}, lambda storage, loc: storage):
+        on_cpu = torch.load(tmp_path / "t.pt", map_location=where)["t"]
+        assert on_cpu.device.type == "cpu" and torch.equal(on_cpu, a)
+    same(torch.load(tmp_path / "t.pt", map_location=lambda storage, loc: storage.cuda(0))["t"], a)
+    torch.save(a, tmp_path / "host.pt")  # a CPU checkpoint loaded onto the device
+    same(torch.load(tmp_path / "host.pt", map_location="cuda"), a)
+
+    local = mlp()
+    remote = copy.deepcopy(local).cuda()
+    torch.save(remote.state_dict(), tmp_path / "sd.pt")
+    for where in (None, "cuda", "cpu"):
+        state = torch.load(tmp_path / "sd.pt", map_location=where, weights_only=True)
+        for (name, ref), (key, got) in zip(local.state_dict().items(), state.items()):
+            assert name == key
+            if where == "cpu":
+                assert got.device.type == "cpu" and torch.equal(got, ref)
+            else:
+                same(got, ref)
+    fresh = mlp(seed=5).cuda()
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt", map_location="cpu"))
+    x, _ = batch()
+    same(fresh(x.cuda()), local(x), **FP32)
+
+
+def test_save_a_whole_module_and_load_it_back(tmp_path):
+    local = mlp()
+    remote = copy.deepcopy(local).cuda()
+    torch.save(remote, tmp_path / "model.pt")
+    model = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert isinstance(model, nn.Sequential)
+    for p, q in zip(local.parameters(), model.parameters()):
+        assert isinstance(q, nn.Parameter) and q.requires_grad
+        same(q, p)
+    x, y = batch()
+    loss = F.cross_entropy(model(x.cuda()), y.cuda())
+    loss.backward()
+    F.cross_entropy(local(x), y).backward()
+    for p, q in zip(local.parameters(), model.parameters()):
+        same(q.grad, p.grad, **FP32)
+    on_cpu = torch.load(tmp_path / "model.pt", weights_only=False, map_location="cpu")
+    assert all(p.device.type == "cpu" for p in on_cpu.parameters())
+
+
+# --- 5. printing, .item(), .tolist(), .numpy() -----------------------------------------------------
+def test_print_item_tolist_and_numpy():
+    a = torch.tensor([[1.5, -2.0], [3.25, 4.0]])
+    ra = a.cuda()
+    text = repr(ra)
+    assert text == repr(a)[:-1] + ", device='cuda:0')", text  # as CUDA prints it
+    assert str(ra) == text
+    assert "device='cuda:0'" in repr(ra.to(torch.int64)) and "requires_grad=True" in repr(
+        ra.clone().requires_grad_())
+    assert ra[1, 0].item() == 3.25
+    total = ra.sum()
+    assert f"{total:.3f}" == f"{a.sum():.3f}" == "6.750" and "6.7500" in repr(total)
+    assert repr(torch.empty(0, 2, device="cuda")) == "tensor([], device='cuda:0', size=(0, 2))"
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 1)
+    assert repr(copy.deepcopy(lin).cuda().bias) == repr(lin.bias).replace(
+        ", requires_grad=True)", ", device='cuda:0', requires_grad=True)")
+    assert repr(a.to(torch.int32).cuda()) == ("tensor([[ 1, -2],\n        [ 3,  4]], device='cuda:0', "
+                                              "dtype=torch.int32)")
+    long = torch.arange(3000.0)
+    assert repr(long.cuda()) == repr(long)[:-1] + ", device='cuda:0')"  # summarized, one download
+    assert ra.tolist() == a.tolist()
+    assert ra.to(torch.int32).tolist() == a.to(torch.int32).tolist()
+    with pytest.raises(TypeError) as info:
+        ra.numpy()
+    assert str(info.value) == ("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() "
+                               "to copy the tensor to host memory first.")
+    assert (ra.cpu().numpy() == a.numpy()).all()
+
+
+# --- 6. every dtype ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                   torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+                                   torch.bool, torch.complex64], ids=str)
+def test_dtype_round_trip(dtype):
+    g = torch.Generator().manual_seed(3)
+    if dtype.is_complex:
+        host = torch.complex(torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g))
+    elif dtype.is_floating_point:
+        host = torch.randn(3, 4, generator=g).to(dtype)
+    elif dtype is torch.bool:
+        host = torch.randn(3, 4, generator=g) > 0
+    else:
+        host = torch.randint(0, 100, (3, 4), generator=g).to(dtype)
+    remote = host.cuda()
+    assert remote.dtype == dtype
+    same(remote, host)
+    same(remote.t().contiguous(), host.t().contiguous())
+
+
+# --- 7. device identity: torch.accelerator and torch.cuda ----------------------------------------
+def test_accelerator_and_cuda_queries():
+    assert torch.accelerator.is_available()
+    assert torch.accelerator.current_accelerator().type == "cuda"
+    assert torch.accelerator.current_device_index() == 0
+    torch.accelerator.set_device_index(0)
+    assert torch.cuda.is_available() and torch.cuda.device_count() == 1
+    assert torch.cuda.current_device() == 0
+    torch.cuda.set_device(0)
+    assert torch.cuda.get_device_name().startswith("MoAI Accelerator")
+    assert torch.cuda.get_device_name(0) == torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    assert props.total_memory > 0 and props.name == torch.cuda.get_device_name()
+    assert torch.cuda.is_bf16_supported()
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        torch.zeros(1, device="cuda:1")
+
+
+def test_device_strings_default_device_and_memory_queries():
+    import gc
+
+    with torch.device("cuda"):
+        made = torch.ones(2, 3)
+        layer = nn.Linear(3, 2)
+    assert made.is_cuda and layer.weight.is_cuda
+    torch.set_default_device("cuda")
+    try:
+        assert torch.zeros(2).device == torch.device("cuda", 0)
+    finally:
+        torch.set_default_device(None)
+    assert torch.zeros(2).device.type == "cpu"
+    on = torch.arange(6, device=torch.device("cuda:0")).view(2, 3)
+    same(on.to(made.device, torch.float32) + made, torch.arange(6.0).view(2, 3) + 1)
+
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    big = torch.empty(1 << 18, device="cuda")  # 1 MiB
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before + (1 << 20)
+    assert torch.cuda.max_memory_allocated() >= before + (1 << 20)
+    del big
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    torch.cuda.reset_peak_memory_stats()
+    assert torch.cuda.max_memory_allocated() == before
+    free, total = torch.cuda.mem_get_info()
+    assert total == torch.cuda.get_device_properties(0).total_memory and 0 < free <= total
+
+
+# --- 8. AdamW fused / foreach with clip_grad_norm_ -------------------------------------------------
+@pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
+def test_adamw_with_gradient_clipping(options):
+    local = mlp()
+    remote = copy.deepcopy(local).cuda()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, **options)
+            for m in (local, remote)]
+    x, y = batch()
+    norms = ([], [])
+    for _ in range(3):
+        for k, (model, opt, dev) in enumerate(((local, opts[0], "cpu"), (remote, opts[1], "cuda"))):
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(dev) * 3), y.to(dev)).backward()
+            norms[k].append(nn.utils.clip_grad_norm_(model.parameters(), 0.5).item())
+            opt.step()
+    torch.testing.assert_close(norms[1], norms[0], **FP32)
+    assert norms[0][0] > 0.5  # clipping did act
+    for p, q in zip(local.parameters(), remote.parameters()):
+        same(q, p, **FP32)
+    for s, t in zip(opts[0].state.values(), opts[1].state.values()):
+        same(t["exp_avg_sq"], s["exp_avg_sq"], **FP32)
+
+
+# --- 9. scaled_dot_product_attention ---------------------------------------------------------------
+@pytest.mark.parametrize("gqa", [False, True], ids=["causal", "gqa"])
+def test_scaled_dot_product_attention(gqa):
+    g = torch.Generator().manual_seed(4)
+    kv_heads = 2 if gqa else 4
+    q = torch.randn(2, 4, 5, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, kv_heads, 5, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, kv_heads, 5, 8, generator=g, requires_grad=True)
+    rq, rk, rv = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    rout = F.scaled_dot_product_attention(rq, rk, rv, is_causal=True, enable_gqa=gqa)
+    same(rout, out, **FP32)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    rout.backward(grad.cuda())
+    for t, r in ((q, rq), (k, rk), (v, rv)):
+        same(r.grad, t.grad, **FP32)
+
+
+# --- 10. LSTM (and GRU: the same fused-cell path) --------------------------------------------------
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-no-bias"])
+def test_rnn_forward_and_backward(kind):
+    torch.manual_seed(0)
+    cls = nn.GRU if kind == "gru" else nn.LSTM
+    local = cls(5, 7, num_layers=2, batch_first=True, bias=kind != "lstm-no-bias")
+    remote = copy.deepcopy(local).cuda()
+    x = torch.randn(3, 4, 5)
+    rx = x.cuda().requires_grad_()
+    x.requires_grad_()
+    out, state = local(x)
+    rout, rstate = remote(rx)
+    h, rh = (state[0], rstate[0]) if kind != "gru" else (state, rstate)
+    same(rout, out, **FP32)
+    same(rh, h, **FP32)
+    if kind != "gru":
+        same(rstate[1], state[1], **FP32)
+    (out.sum() + h.pow(2).sum()).backward()
+    (rout.sum() + rh.pow(2).sum()).backward()
+    same(rx.grad, x.grad, **FP32)
+    for (name, p), q in zip(local.named_parameters(), remote.parameters()):
+        same(q.grad, p.grad, **FP32)
+
+
+# --- 11. sampling and the device's generator -------------------------------------------------------
+def test_topk_multinomial_and_the_cuda_rng_state():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 10, generator=g)
+    rlogits = logits.cuda()
+    values, indices = torch.topk(rlogits, 4, dim=-1)
+    ref_values, ref_indices = torch.topk(logits, 4, dim=-1)
+    same(values, ref_values)
+    same(indices, ref_indices)
+    probs = F.softmax(rlogits, dim=-1)
+
+    torch.manual_seed(11)
+    first = torch.multinomial(probs, 6, replacement=True)
+    assert first.shape == (3, 6) and first.dtype == torch.int64
+    drawn = first.cpu()
+    assert ((drawn >= 0) & (drawn < 10)).all()
+    torch.cuda.manual_seed(11)
+    assert torch.equal(torch.multinomial(probs, 6, replacement=True).cpu(), drawn)
+    no_repeat = torch.multinomial(probs, 10).cpu()
+    assert all(sorted(row) == list(range(10)) for row in no_repeat.tolist())
+
+    state = torch.cuda.random.get_rng_state()
+    assert state.dtype == torch.uint8 and state.device.type == "cpu"
+    again = torch.multinomial(probs, 6, replacement=True).cpu()
+    noise = torch.randn(4, device="cuda").cpu()
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.multinomial(probs, 6, replacement=True).cpu(), again)
+    assert torch.equal(torch.randn(4, device="cuda").cpu(), noise)
+    torch.cuda.random.set_rng_state(torch.cuda.get_rng_state())
+
+
+# --- 12. streams and synchronization -------------------------------------------------------------
+def test_stream_queries_and_synchronize():
+    assert torch.cuda.is_current_stream_capturing() is False
+    a = torch.ones(3, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        b = a * 4
+    torch.cuda.current_stream().wait_stream(side)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    c = b + 1
+    end.record()
+    torch.cuda.synchronize()
+    assert start.elapsed_time(end) >= 0
+    same(c, torch.full((3,), 5.0))
+
+
+# --- 13. autograd hooks and out= ops (views and in-place ops: test_offload_ops.py) ------------------
+def test_tensor_and_module_hooks():
+    def run(model, dev):
+        x, y = batch()
+        x = x.to(dev).requires_grad_()
+        seen = []
+        model[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+        model[1].register_forward_hook(lambda m, args, out: out + 1)
+        model[2].register_full_backward_hook(lambda m, gin, gout: seen.append(gout[0].detach().cpu()))
+        hidden = model[1](model[0](x))
+        hidden.register_hook(lambda grad: grad * 3)
+        x.register_hook(lambda grad: grad.clamp(min=0))
+        loss = F.cross_entropy(model[2](hidden), y.to(dev))
+        loss.backward()
+        return loss, x.grad, seen, [p.grad for p in model.parameters()]
+
+    local = mlp()
+    ref = run(local, "cpu")
+    got = run(copy.deepcopy(mlp()).cuda(), "cuda")
+    same(got[0], ref[0], **FP32)
+    same(got[1], ref[1], **FP32)
+    assert len(got[2]) == len(ref[2]) == 1
+    torch.testing.assert_close(got[2][0], ref[2][0], **FP32)
+    for g, r in zip(got[3], ref[3]):
+        same(g, r, **FP32)
+
+
+def test_out_variants():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(4, 3, generator=g), torch.randn(3, 5, generator=g)
+    ra, rb = a.cuda(), b.cuda()
+    out, rout = torch.empty(4, 5), torch.empty(4, 5, device="cuda")
+    assert torch.mm(ra, rb, out=rout) is rout
+    torch.mm(a, b, out=out)
+    same(rout, out, **FP32)
+    torch.add(ra, 1.5, out=ra)
+    torch.add(a, 1.5, out=a)
+    same(ra, a)
+    values, indices = torch.empty(3, device="cuda"), torch.empty(3, dtype=torch.int64, device="cuda")
+    torch.max(ra, 0, out=(values, indices))
+    ref = torch.max(a, 0)
+    same(values, ref.values)
+    same(indices, ref.indices)
+    sums = values.new_empty(4)
+    assert sums.is_cuda
+    torch.sum(ra, 1, out=sums)
+    same(sums, a.sum(1), **FP32)
+    ref_view, view = a.new_zeros(2, 3), ra.new_zeros(2, 3)
+    torch.mul(ra[:2], 2, out=view)  # out= and in-place through a view of a bigger tensor
+    torch.mul(a[:2], 2, out=ref_view)
+    torch.neg(ra[2:], out=ra[:2])
+    torch.neg(a[2:], out=a[:2])
+    same(view, ref_view)
+    same(ra, a)
+
+
+# --- more entry points of ordinary programs ------------------------------------------------------
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "to"], ids=str)
+def test_module_dtype_conversion_on_the_device(convert):
+    """Module._apply changes a device parameter's dtype through ``param.data = ...``."""
+    local = mlp()
+    remote = copy.deepcopy(local).cuda()
+    weight = remote[0].weight
+    dtype = torch.bfloat16 if convert != "half" else torch.float16
+    if convert == "to":
+        remote.to("cuda", dtype)
+        local.to(dtype)
+    else:
+        getattr(remote, convert)()
+        getattr(local, convert)()
+    assert remote[0].weight is weight and weight.dtype == dtype  # the same Parameter, converted
+    x, _ = batch()
+    same(remote(x.to("cuda", dtype)), local(x.to(dtype)))
+    remote.float()
+    same(remote[2].bias, local[2].bias.float())
+
+
+def test_equal_allclose_and_nvtx():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    ra = a.cuda()
+    assert torch.equal(ra, ra.clone()) and not torch.equal(ra, ra + 1) and not torch.equal(ra, ra[:2])
+    assert torch.allclose(ra, ra + 1e-9) and not torch.allclose(ra, ra + 1e-3)
+    assert torch.allclose(ra, ra + 1e-3, atol=1e-2) and ra.allclose(ra)
+    torch.cuda.nvtx.range_push("step")
+    torch.cuda.nvtx.range_pop()
+    with torch.cuda.nvtx.range("forward {}", 1):
+        same(ra * 2, a * 2)
+
+
+# --- 14. what cannot work fails clearly, at once -------------------------------------------------
+def test_cuda_extensions_fail_clearly():
+    from torch.utils import cpp_extension
+
+    from offload.unsupported import DirectCudaError
+
+    with pytest.raises(DirectCudaError, match=r"torch\.utils\.cpp_extension\.load_inline with CUDA "
+                                              r"sources is not supported.*direct CUDA use"):
+        cpp_extension.load_inline(name="moai_test_ext", cpp_sources="", cuda_sources="__global__ void k(){}",
+                                  functions=["k"])
+    with pytest.raises(DirectCudaError, match="cpp_extension.load with CUDA sources"):
+        cpp_extension.load(name="moai_test_ext2", sources=["kernel.cu"])
+    with pytest.raises(DirectCudaError, match="CUDAExtension"):
+        cpp_extension.CUDAExtension("x", ["x.cu"])
+    with pytest.raises(DirectCudaError, match="torch.cuda._lazy_init"):
+        torch.cuda._lazy_init()
+
+
+def test_unsupported_stream_semantics_fail_clearly():
+    from offload.unsupported import DirectCudaError
+
+    checks = [
+        (lambda: torch.cuda.Stream().cuda_stream, r"torch\.cuda\.Stream\.cuda_stream"),
+        (lambda: torch.cuda.ExternalStream(1234), r"torch\.cuda\.ExternalStream"),
+        (lambda: torch.cuda.Event(interprocess=True), r"Event\(interprocess=True\)"),
+        (lambda: torch.cuda.graph(None), "CUDA graphs"),
+        (lambda: torch.cuda.CUDAGraph(), "CUDA graphs"),
+    ]
+    for call, api in checks:  # each raises at once (the module's timeout catches a hang)
+        with pytest.raises(DirectCudaError, match=api):
+            call()
