@@ -231,9 +231,7 @@ def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
     dtype = _DTYPES.get(dtype_name)
     if dtype is None:
         raise ProtocolError(f"unknown dtype {dtype_name!r}")
-    complex_dtype = dtype.is_complex
-    base = torch.empty((), dtype=dtype)
-    elem = base.element_size()
+    elem = dtype.itemsize
     numel = 1
     for s in shape:
         if not isinstance(s, int) or s < 0:
@@ -243,11 +241,14 @@ def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
         raise ProtocolError(f"tensor of shape {shape} {dtype_name} needs {numel * elem} bytes, got {len(buf)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # The tensor aliases the received zmq frame, which nothing else reuses: writing is safe.
-        warnings.simplefilter("ignore", UserWarning)
+    if buf.readonly:  # bytes given to decode() directly; a received zmq frame is writable
+        with warnings.catch_warnings():
+            # Nothing else reuses the buffer, so the tensor aliasing it may be written.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
+    else:
         raw = torch.frombuffer(buf, dtype=torch.uint8)
-    if complex_dtype:
+    if dtype.is_complex:
         real_dtype = torch.empty((), dtype=dtype).real.dtype
         return torch.view_as_complex(raw.view(real_dtype).reshape(*shape, 2))
     return raw.view(dtype).reshape(shape)
@@ -415,20 +416,22 @@ class Server:
             self.reply(peer, "ok", result, msg.id)
 
     def serve_once(self, timeout_s: float) -> bool:
-        if not self.sock.poll(int(timeout_s * 1000)):
+        frames = recv_within(self.sock, timeout_s)
+        if frames is None:
             return False
-        frames = self.sock.recv_multipart(copy=False)
         if len(frames) < 2:
             return True
         self.handle(frames[0].bytes, frames[1:])
         return True
 
     def serve_forever(self):
-        next_tick = time.monotonic()
+        # Without a tick the wait is bounded only by the stop check: a server with none (a worker)
+        # must sleep in its receive, not spin on zero timeouts.
+        next_tick = time.monotonic() if self.tick else float("inf")
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                if self.tick and now >= next_tick:
+                if now >= next_tick:
                     try:
                         self.tick()
                     except Exception:
@@ -437,6 +440,18 @@ class Server:
                 self.serve_once(min(SERVER_POLL_INTERVAL_S, max(0.0, next_tick - time.monotonic())))
         finally:
             self.sock.close(linger=0)
+
+
+def recv_within(sock: zmq.Socket, timeout_s: float) -> list | None:
+    """The next message's frames (not copied), or None if none arrives within ``timeout_s``.
+
+    A receive timeout rather than ``Socket.poll``: pyzmq's poll builds and registers a Poller on
+    every call, which was a third of the front's ``.item()`` round trip (docs/PERFORMANCE.md)."""
+    sock.rcvtimeo = max(0, int(timeout_s * 1000))
+    try:
+        return sock.recv_multipart(copy=False)
+    except zmq.Again:
+        return None
 
 
 def bind_socket(sock: zmq.Socket, bind: str) -> str:
@@ -507,13 +522,12 @@ class Client:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._lock:
             while msg_id not in self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(int(left * 1000)):
+                frames = recv_within(self.sock, deadline - time.monotonic())
+                if frames is None:
                     if abandon:
                         self._abandoned.add(msg_id)
                     raise TransportTimeout(f"no reply from {self.address} within "
                                            f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s")
-                frames = self.sock.recv_multipart(copy=False)
                 try:
                     reply = decode(frames)
                 except ProtocolError as e:

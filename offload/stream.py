@@ -203,7 +203,7 @@ class Stream:
         """
         if self.lost is None:
             for rank, monitor in enumerate(self._monitors):
-                while monitor.poll(0):
+                while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no Poller per flush
                     if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
                         why = self.failure(3.0)
                         self.lost = why or (f"the connection to worker rank {rank} at "

@@ -1,6 +1,7 @@
 """The wire protocol: codec round trips, malformed input, and a real ROUTER/DEALER pair on loopback."""
 import random
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -147,3 +148,17 @@ def test_oversized_header_is_refused(server):
         c.call("echo", "x" * (wire.MAX_HEADER_BYTES + 10))
     assert c.call("echo", 2) == {"echo": 2}
     c.close()
+
+
+def test_an_idle_server_sleeps_instead_of_spinning(server):
+    """A server without a tick (a worker) waits in its receive: holding a GPU's host core at 100%
+    while a job thinks would slow the job's own front and every process beside it."""
+    client = wire.Client(server.address)
+    try:
+        assert client.call("echo", 1) == {"echo": 1}   # the loop is running
+        cpu = time.process_time()
+        time.sleep(1.0)
+        assert time.process_time() - cpu < 0.2
+        assert client.call("echo", 2) == {"echo": 2}   # and still answers at once
+    finally:
+        client.close()

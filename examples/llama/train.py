@@ -87,6 +87,12 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def hidden_size(dim):
+    """SwiGLU's hidden width as Llama sizes it: 2/3 of 4 x dim, rounded up to a multiple of 4
+    (172 for the default 64)."""
+    return 4 * -(-(8 * dim // 3) // 4)
+
+
 class Llama(nn.Module):
     def __init__(self, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=172, max_len=128):
         super().__init__()
@@ -128,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=64, help="model width (4 heads, 2 of them for keys/values)")
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", action="store_true", help="train under torch.autocast (bfloat16)")
@@ -138,7 +146,8 @@ def main(argv=None):
     data = torch.frombuffer(bytearray(CORPUS.read_bytes()), dtype=torch.uint8).long()
     generator = torch.Generator().manual_seed(args.seed)
 
-    model = Llama(max_len=max(128, args.seq_len)).to(device)
+    model = Llama(dim=args.dim, n_layers=args.layers, hidden=hidden_size(args.dim),
+                  max_len=max(128, args.seq_len)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     tokens_per_step = args.batch_size * args.seq_len
 

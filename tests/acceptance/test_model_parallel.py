@@ -1,29 +1,28 @@
 """Issue 5, model parallelism: a model whose parameters and Adam state do not fit one worker's cap
 trains on 4 workers with the same losses as a native run.
 
-The user script is tests/acceptance/wide_llama.py (examples/llama/train.py with a wider model),
-unmodified, run natively on the CPU and through ``moai run`` against a real embedded cluster
-whose virtual GPUs have a small memory cap, as test_reference_models.py does for the examples.
+The user script is examples/llama/train.py with a wider model (``--dim 192``), unmodified, run
+natively on the CPU and through ``moai run`` against a real embedded cluster whose virtual GPUs
+have a small memory cap, as test_reference_models.py does for the examples.
 """
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.acceptance.test_reference_models import RUNS, losses, native_env
+from tests.acceptance.test_reference_models import EXAMPLES, RUNS, losses, native_env
 from tests.cluster import start_cluster, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = "wide_llama.py"
-ARGS = RUNS["llama"]            # --steps 3 --batch-size 4 --seq-len 32
+LLAMA = EXAMPLES / "llama"
+SCRIPT = "train.py"
+ARGS = [*RUNS["llama"], "--dim", "192"]     # --steps 3 --batch-size 4 --seq-len 32
 GPUS = 4
-# The cap, from the parameter count. wide_llama's Llama(dim=192, hidden=512) has 910,272 float32
+# The cap, from the parameter count. Llama(dim=192) (hidden 512) has 910,272 float32
 # parameters: P = 3,641,088 bytes (3.47 MiB). Replicated AdamW training holds 4P = 13.9 MiB per
 # worker (parameter, gradient, exp_avg, exp_avg_sq), before any activation.
 # - 1 GPU: 4P = 13.9 MiB > 8 MiB: the optimizer's state cannot be allocated, whatever the batch.
@@ -49,7 +48,7 @@ def cluster(tmp_path_factory):
 def offloaded(cluster, gpus: int) -> subprocess.CompletedProcess:
     cluster.client().call("set_device_flavor", {"flavor": FLAVOR_FOR_GPUS[gpus]})
     return cluster.run(sys.executable, "-m", "offload.launcher", "run", sys.executable, SCRIPT,
-                       *ARGS, cwd=HERE, timeout_s=600)
+                       *ARGS, cwd=LLAMA, timeout_s=600)
 
 
 def worker_logs(cluster) -> list[str]:
@@ -66,7 +65,7 @@ def test_wide_model_does_not_fit_one_gpu(cluster):
 
 @pytest.mark.slow
 def test_wide_model_trains_sharded_on_four_gpus(cluster):
-    native = subprocess.run([sys.executable, SCRIPT, *ARGS], cwd=HERE, env=native_env(),
+    native = subprocess.run([sys.executable, SCRIPT, *ARGS], cwd=LLAMA, env=native_env(),
                             capture_output=True, text=True, timeout=300)
     assert native.returncode == 0, native.stderr[-3000:]
     before = [len(text) for text in worker_logs(cluster)]

@@ -77,3 +77,23 @@ def test_training_loop_runs_on_the_device_without_waiting_per_op(dev):
         losses.append(loss.item())
     assert stream.seq - seq0 > 100
     assert losses[-1] < losses[0]
+
+
+def test_optimizer_and_clipping_take_the_multi_tensor_paths_as_on_cuda(dev, cuda_means_the_device):
+    """Without options, AdamW and clip_grad_norm_ run ``_foreach_*`` ops on the device as they do
+    on a GPU: the op records of a step do not grow with the number of parameters."""
+    from offload import session
+
+    stream = session.current().stream
+
+    def records_of_a_step(layers: int) -> int:
+        model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(layers))).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(torch.ones(2, 8, device=dev)).sum().backward()
+        opt.step()  # the first step creates the optimizer's state
+        seq = stream.seq
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return stream.seq - seq
+
+    assert records_of_a_step(2) == records_of_a_step(8)
