@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tests.cluster import wait_until
 from tests.containers.compose_cluster import BACK_NODES, IMAGE_PREFIX, REPO_ROOT, ComposeCluster, docker_client
 
 pytestmark = pytest.mark.containers
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.containers
 IMAGES = [f"{IMAGE_PREFIX}/{name}:latest" for name in ("base", "master", "backnode")]
 FRONT_TIMEOUT_S = 240          # a cold torch import plus worker start-up on a loaded 2-core machine
 HOST_RUN_TIMEOUT_S = 120
+SUPERVISOR_RUNNING_TIMEOUT_S = 30
 EXIT_LAUNCH_FAILED = 125       # moreh_docker_run.cli
 STEP_LINE = re.compile(r"^\[Step (\d+)/(\d+)\] \| Loss: (\S+) \|", re.MULTILINE)
 # Few steps of small batches: enough to see the optimizer's updates compound, quick on a loaded host.
@@ -219,9 +221,14 @@ def test_back_nodes_register_with_the_master(compose_cluster):
     for name in BACK_NODES:
         assert nodes[name]["gpus"] >= 1
         assert nodes[name]["agent_addr"] == f"tcp://{name}:5671"
-    for service in ("master", *BACK_NODES):
-        code, out = compose_cluster.container(service).exec_run(["supervisorctl", "status"])
-        assert b"RUNNING" in out, f"{service}: supervisorctl status says\n{out.decode(errors='replace')}"
+    # An agent registers as soon as it starts; supervisord calls it RUNNING only after its
+    # startsecs, so the status is waited for rather than read once.
+    for service, program in (("master", "master"), *((node, "agent") for node in BACK_NODES)):
+        def running():
+            out = compose_cluster.container(service).exec_run(["supervisorctl", "status", program])[1]
+            return re.match(rb"%s\s+RUNNING" % program.encode(), out)
+        wait_until(running, SUPERVISOR_RUNNING_TIMEOUT_S, f"supervisorctl status {program} in {service}: RUNNING",
+                   interval_s=0.5)
 
 
 @pytest.mark.timeout(FRONT_TIMEOUT_S + 60)
