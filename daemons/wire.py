@@ -445,9 +445,9 @@ class Server:
 def recv_within(sock: zmq.Socket, timeout_s: float) -> list | None:
     """The next message's frames (not copied), or None if none arrives within ``timeout_s``.
 
-    A receive timeout rather than ``Socket.poll``: pyzmq's poll builds and registers a Poller on
-    every call, which was a third of the front's ``.item()`` round trip (docs/PERFORMANCE.md)."""
-    sock.rcvtimeo = max(0, int(timeout_s * 1000))
+    A receive timeout rather than ``Socket.poll``, which builds and registers a Poller on every
+    call: the receive path of every request the front waits on."""
+    sock.setsockopt(zmq.RCVTIMEO, max(0, int(timeout_s * 1000)))
     try:
         return sock.recv_multipart(copy=False)
     except zmq.Again:

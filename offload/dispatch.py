@@ -375,7 +375,7 @@ def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
 
 @DISPATCHER.rule(aten._local_scalar_dense.default)
 def local_scalar_dense(func, args, kwargs):
-    return sessions.current().fetch(args[0]._handle.id).item()
+    return sessions.current().item(args[0]._handle.id)
 
 
 # Ops the workers cannot run as such (the CUDA-only fused RNN cells torch emits for any non-CPU

@@ -40,6 +40,7 @@ class Session:
         self.drop_fresh_allocation = stream.drop_fresh_allocation
         self.put = stream.put
         self.fetch = stream.fetch
+        self.item = stream.item
         self.describe = stream.describe
         self._probe = None
         if job is not None:

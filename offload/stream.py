@@ -151,6 +151,9 @@ class Stream:
     def fetch(self, tid: int) -> torch.Tensor:
         return self.request("fetch", {"id": tid, "seq": self.seq})[0]["tensor"]
 
+    def item(self, tid: int):
+        return self.request("item", {"id": tid, "seq": self.seq})[0]["value"]
+
     def describe(self, ids: list[int]) -> list[tuple]:
         return [tuple(d) for d in self.request("describe", {"ids": ids})[0]["tensors"]]
 

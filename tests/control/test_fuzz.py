@@ -28,7 +28,7 @@ MASTER_TYPES = ["hello", "list_flavors", "list_devices", "add_device", "remove_d
 AGENT_TYPES = ["launch_worker", "stop_worker", "node_status"]
 # Requests whose answer the worker owes: the streamed ones (run_ops, put, free) answer nothing when
 # accepted, and shutdown would end the test's worker.
-WORKER_TYPES = ["hello", "fetch", "describe", "sync", "memory_stats", "reset_peak"]
+WORKER_TYPES = ["hello", "fetch", "item", "describe", "sync", "memory_stats", "reset_peak"]
 
 
 def random_value(rng: random.Random, depth: int = 0):
