@@ -25,6 +25,7 @@ IMAGES = [f"{IMAGE_PREFIX}/{name}:latest" for name in ("base", "master", "backno
 FRONT_TIMEOUT_S = 240          # a cold torch import plus worker start-up on a loaded 2-core machine
 HOST_RUN_TIMEOUT_S = 120
 SUPERVISOR_RUNNING_TIMEOUT_S = 30
+SMI_MEMORY_TIMEOUT_S = 30
 EXIT_LAUNCH_FAILED = 125       # moreh_docker_run.cli
 STEP_LINE = re.compile(r"^\[Step (\d+)/(\d+)\] \| Loss: (\S+) \|", re.MULTILINE)
 # Few steps of small batches: enough to see the optimizer's updates compound, quick on a loaded host.
@@ -126,6 +127,9 @@ class HeldTraining:
     def __init__(self, cluster: ComposeCluster, workdir, token: str):
         self.cluster = cluster
         self.workdir = workdir
+        # A job of an earlier test whose front was stopped stays running at the master until its
+        # heartbeats are missed: this training's job is the one that was not there before.
+        self.jobs_before = {j["job_id"] for j in cluster.ask_master("list_all_jobs")["jobs"]}
         (workdir / "held.py").write_text(HELD_TRAINING % {"hold_s": HOLD_S})
         command, env = launcher(cluster, "--token", token, "python", "held.py")
         self.proc = subprocess.Popen(command, cwd=workdir, env=env, text=True,
@@ -146,6 +150,13 @@ class HeldTraining:
             assert time.monotonic() < deadline, f"the training did not start in {timeout_s} s:\n{self.output}"
             time.sleep(0.2)
         return int(found[1]), int(found[2])
+
+    def job(self) -> dict:
+        """This training's job at the master, which must be running."""
+        jobs = [j for j in self.cluster.ask_master("list_all_jobs")["jobs"]
+                if j["job_id"] not in self.jobs_before]
+        assert [(j["user"], j["state"]) for j in jobs] == [("tester", "running")], jobs
+        return jobs[0]
 
     def release(self, timeout_s: float = FRONT_TIMEOUT_S) -> int:
         """Let the program finish; its exit status."""
@@ -169,13 +180,6 @@ def held_training(compose_cluster, user_token, tmp_path):
         yield training
     finally:
         training.stop()
-
-
-def running_job(cluster: ComposeCluster) -> dict:
-    jobs = [j for j in cluster.ask_master("list_all_jobs")["jobs"]
-            if j["user"] == "tester" and j["state"] == "running"]
-    assert len(jobs) == 1, f"expected the one running job of the tester: {jobs}"
-    return jobs[0]
 
 
 @pytest.mark.timeout(120)
@@ -271,15 +275,27 @@ def test_reference_model_in_a_front_container_matches_the_host_cpu(compose_clust
 @pytest.mark.timeout(2 * FRONT_TIMEOUT_S + 60)
 def test_moreh_smi_in_a_front_container_shows_a_running_job(compose_cluster, user_token, held_training, tmp_path):
     pid, allocated = held_training.holding()
-    job = running_job(compose_cluster)
+    job = held_training.job()
+    assert allocated >= 4 * MIB  # the 1024x1024 weight alone: the memory column is not a stray 0
     smi_dir = tmp_path / "smi"
     smi_dir.mkdir()
-    shown = moreh_docker_run(compose_cluster, smi_dir, "--token", user_token, "moreh-smi")
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    rows = [(int(job_id), int(row_pid), process, int(mib))
-            for _, job_id, row_pid, process, mib in PROCESS_ROW.findall(shown.stdout)]
+    shown = None
+
+    def process_rows():
+        nonlocal shown
+        shown = moreh_docker_run(compose_cluster, smi_dir, "--token", user_token, "moreh-smi")
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        rows = [(int(job_id), int(row_pid), process, int(mib))
+                for _, job_id, row_pid, process, mib in PROCESS_ROW.findall(shown.stdout)]
+        # The memory column is the job's last heartbeat (every second): 0 until the first one
+        # carrying the workers' figures has arrived.
+        return rows if rows and rows[0][3] else None
+
+    try:
+        rows = wait_until(process_rows, SMI_MEMORY_TIMEOUT_S, "moreh-smi to show the job's memory", interval_s=1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the last moreh-smi said:\n{shown.stdout}") from None
     assert rows == [(job["job_id"], pid, "python held.py", allocated // MIB)], shown.stdout
-    assert allocated >= 4 * MIB  # the 1024x1024 weight alone: the memory column is not a stray 0
     assert held_training.release() == 0, held_training.output
 
 
@@ -292,7 +308,7 @@ def device_records(cluster: ComposeCluster, token: str) -> list[tuple]:
 @pytest.mark.timeout(2 * FRONT_TIMEOUT_S + 120)
 def test_master_restart_during_a_run_loses_no_record(compose_cluster, user_token, held_training):
     held_training.holding()
-    job = running_job(compose_cluster)
+    job = held_training.job()
     devices = device_records(compose_cluster, user_token)
     usage = compose_cluster.ask_master("usage", user_token)["records"]
     nodes = sorted((n["node"], n["gpus"]) for n in compose_cluster.ask_master("list_nodes")["nodes"])
@@ -304,7 +320,7 @@ def test_master_restart_during_a_run_loses_no_record(compose_cluster, user_token
     assert compose_cluster.ask_master("usage", user_token)["records"][:len(usage)] == usage
     # The data path runs front -> workers without the master, and the front's heartbeats retry:
     # the job outlives a short restart and finishes normally.
-    assert running_job(compose_cluster)["job_id"] == job["job_id"]
+    assert held_training.job()["job_id"] == job["job_id"]
     assert held_training.release() == 0, held_training.output
     assert len(step_losses(held_training.output)) == 4
     records = compose_cluster.ask_master("usage", user_token)["records"]
