@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +28,8 @@ HOST_RUN_TIMEOUT_S = 120
 SUPERVISOR_RUNNING_TIMEOUT_S = 30
 SMI_MEMORY_TIMEOUT_S = 30
 EXIT_LAUNCH_FAILED = 125       # moreh_docker_run.cli
+EXIT_INTERRUPTED = 130
+JOB_END_TIMEOUT_S = 60         # the container's stop (5 s), then the master's heartbeat timeout
 STEP_LINE = re.compile(r"^\[Step (\d+)/(\d+)\] \| Loss: (\S+) \|", re.MULTILINE)
 # Few steps of small batches: enough to see the optimizer's updates compound, quick on a loaded host.
 REFERENCE_RUNS = {
@@ -248,6 +251,33 @@ def test_moreh_docker_run_refuses_an_unknown_token(compose_cluster, tmp_path):
     done = moreh_docker_run(compose_cluster, tmp_path, "--token", "not-a-token", "moreh-smi")
     assert done.returncode == EXIT_LAUNCH_FAILED, done.stdout + done.stderr
     assert "rejected the token" in done.stderr
+
+
+@pytest.mark.timeout(2 * FRONT_TIMEOUT_S + 60)
+def test_moreh_docker_run_explains_a_missing_image_and_an_unreachable_master(compose_cluster, user_token, tmp_path):
+    missing = moreh_docker_run(compose_cluster, tmp_path, "--token", user_token,
+                               "--image", f"{IMAGE_PREFIX}/no-such-image:latest", "moreh-smi")
+    assert missing.returncode == EXIT_LAUNCH_FAILED, missing.stdout + missing.stderr
+    assert "image moai/no-such-image:latest not found" in missing.stderr and "make images" in missing.stderr
+    unreachable = moreh_docker_run(compose_cluster, tmp_path, "--token", user_token,
+                                   "--master-addr", "tcp://no-such-master:5670", "moreh-smi")
+    assert unreachable.returncode == EXIT_LAUNCH_FAILED, unreachable.stdout + unreachable.stderr
+    assert "the master at tcp://no-such-master:5670 cannot be reached" in unreachable.stderr, unreachable.stderr
+
+
+@pytest.mark.timeout(2 * FRONT_TIMEOUT_S + JOB_END_TIMEOUT_S)
+def test_ctrl_c_removes_the_container_and_the_job_ends(compose_cluster, held_training):
+    held_training.holding()
+    job_id = held_training.job()["job_id"]
+    held_training.proc.send_signal(signal.SIGINT)
+    assert held_training.proc.wait(timeout=60) == EXIT_INTERRUPTED, held_training.output
+    assert_no_front_left(compose_cluster)
+
+    def ended():
+        job = next(j for j in compose_cluster.ask_master("list_all_jobs")["jobs"] if j["job_id"] == job_id)
+        return job if job["state"] != "running" else None
+    job = wait_until(ended, JOB_END_TIMEOUT_S, f"job {job_id} to end after its front was stopped")
+    assert job["state"] in ("finished", "failed") and job["ended"], job
 
 
 @pytest.mark.parametrize("model", REFERENCE_RUNS)
