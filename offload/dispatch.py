@@ -24,6 +24,10 @@ from offload.tensor import RemoteTensor
 
 aten = torch.ops.aten
 META = torch.device("meta")
+# The C functions themselves: device_mapping wraps torch.empty / torch.empty_strided to map
+# ``device="cuda"``, a Python call per op that meta allocations here never need.
+_empty = torch._C._VariableFunctions.empty
+_empty_strided = torch._C._VariableFunctions.empty_strided
 
 
 class Dispatcher:
@@ -160,7 +164,7 @@ def _meta_like(shape, stride, offset, dtype) -> torch.Tensor:
     span = 1 + offset + sum((s - 1) * st for s, st in zip(shape, stride) if s > 0)
     if any(s == 0 for s in shape):
         span = offset
-    return torch.empty(span, dtype=dtype, device=META).as_strided(shape, stride, offset)
+    return _empty(span, dtype=dtype, device=META).as_strided(shape, stride, offset)
 
 
 # --- the shape cache --------------------------------------------------------------------------
@@ -275,7 +279,7 @@ def rebuild(template, metas: list):
         _, shape, stride, offset, dtype = template
         if offset:
             return _meta_like(shape, stride, offset, dtype)
-        return torch.empty_strided(shape, stride, dtype=dtype, device=META)
+        return _empty_strided(shape, stride, dtype=dtype, device=META)
     if kind == _SELF:
         return metas[template[1]]
     if kind == _VIEW:
@@ -288,6 +292,7 @@ def rebuild(template, metas: list):
 
 SHAPES = ShapeCache()
 DISPATCHER = Dispatcher()
+RemoteTensor.dispatcher = DISPATCHER  # before any RemoteTensor exists: only this module makes them
 
 
 # --- transfers --------------------------------------------------------------------------------

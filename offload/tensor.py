@@ -8,10 +8,12 @@ their meta aliasing their base's meta, so in-place ops through a view infer corr
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 
 from offload import session
+from offload.device import DEVICE
 
 VISIBLE_DEVICE = torch.device("cuda", 0)
 _TENSOR_DATA = torch._C.TensorBase.data  # the C ``Tensor.data`` descriptor
@@ -34,11 +36,10 @@ class Handle:
 class RemoteTensor(torch.Tensor):
     _meta: torch.Tensor
     _handle: Handle
+    dispatcher: Callable  # offload/dispatch.py's DISPATCHER, set when that module loads
 
     @staticmethod
     def __new__(cls, meta: torch.Tensor, tid: int, requires_grad: bool = False):
-        from offload.device import DEVICE
-
         t = torch.Tensor._make_wrapper_subclass(
             cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
             dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
@@ -102,6 +103,4 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from offload.dispatch import DISPATCHER
-
-        return DISPATCHER(func, args, kwargs or {})
+        return cls.dispatcher(func, args, kwargs or {})
