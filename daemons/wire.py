@@ -241,12 +241,9 @@ def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
         raise ProtocolError(f"tensor of shape {shape} {dtype_name} needs {numel * elem} bytes, got {len(buf)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    if buf.readonly:  # bytes given to decode() directly; a received zmq frame is writable
-        with warnings.catch_warnings():
-            # Nothing else reuses the buffer, so the tensor aliasing it may be written.
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(buf, dtype=torch.uint8)
-    else:
+    with warnings.catch_warnings():
+        # The tensor aliases the received zmq frame, which nothing else reuses: writing is safe.
+        warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(buf, dtype=torch.uint8)
     if dtype.is_complex:
         real_dtype = torch.empty((), dtype=dtype).real.dtype
