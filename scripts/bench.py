@@ -187,6 +187,7 @@ class ModelSize:
 REFERENCE_SIZE = ModelSize(dim=64, layers=2, batch=8, seq_len=64)
 LARGER_SIZE = ModelSize(dim=256, layers=4, batch=16, seq_len=128)
 
+
 def llama_steps(dev: str, size: ModelSize, seed: int):
     """A step function of examples/llama/train.py's model, data and step on ``dev`` ("cuda": the
     virtual device, as the script sees it under MoAI; "cpu": native): each call trains one step,
@@ -196,8 +197,7 @@ def llama_steps(dev: str, size: ModelSize, seed: int):
     torch.manual_seed(seed)
     data = torch.frombuffer(bytearray(llama.CORPUS.read_bytes()), dtype=torch.uint8).long()
     generator = torch.Generator().manual_seed(seed)
-    model = llama.Llama(dim=size.dim, n_layers=size.layers, hidden=llama.hidden_size(size.dim),
-                        max_len=max(128, size.seq_len)).to(dev)
+    model = llama.Llama(dim=size.dim, n_layers=size.layers, max_len=max(128, size.seq_len)).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 
     def step() -> tuple[float, float]:

@@ -94,8 +94,9 @@ def hidden_size(dim):
 
 
 class Llama(nn.Module):
-    def __init__(self, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=172, max_len=128):
+    def __init__(self, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=None, max_len=128):
         super().__init__()
+        hidden = hidden or hidden_size(dim)
         self.embed = nn.Embedding(VOCAB_SIZE, dim)
         self.layers = nn.ModuleList(Block(dim, n_heads, n_kv_heads, hidden) for _ in range(n_layers))
         self.norm = RMSNorm(dim)
@@ -146,8 +147,7 @@ def main(argv=None):
     data = torch.frombuffer(bytearray(CORPUS.read_bytes()), dtype=torch.uint8).long()
     generator = torch.Generator().manual_seed(args.seed)
 
-    model = Llama(dim=args.dim, n_layers=args.layers, hidden=hidden_size(args.dim),
-                  max_len=max(128, args.seq_len)).to(device)
+    model = Llama(dim=args.dim, n_layers=args.layers, max_len=max(128, args.seq_len)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     tokens_per_step = args.batch_size * args.seq_len
 
