@@ -208,8 +208,11 @@ class ShapeCache:
                 described.append((m.shape, m.stride(), m.storage_offset(), m.dtype,
                                   objects.setdefault(id(m), i),
                                   storages.setdefault(m.untyped_storage()._cdata, i)))
-            return (func, torch.get_default_dtype(), _arg_key(args),
-                    tuple((k, _arg_key(v)) for k, v in kwargs.items()), tuple(described))
+            positions, names = _scalar_arguments(func)
+            return (func, torch.get_default_dtype(),
+                    tuple(_scalar_key(a) if i in positions else _arg_key(a) for i, a in enumerate(args)),
+                    tuple((k, _scalar_key(v) if k in names else _arg_key(v)) for k, v in kwargs.items()),
+                    tuple(described))
         except _Uncacheable:
             return None
 
@@ -249,6 +252,40 @@ def _arg_key(x):
     if isinstance(x, RemoteTensor):
         return _TENSOR
     raise _Uncacheable
+
+
+# A Scalar argument's value does not change the outputs' metadata, only its type does (torch
+# promotes by category): so a learning rate or a bias correction that changes every step (AdamW's
+# _foreach_addcdiv_.ScalarList) still hits. Except where the values are the size: arange, range.
+_SIZED_BY_SCALARS = frozenset({"aten::arange", "aten::range"})
+_scalar_arguments_of: dict = {}
+
+
+def _is_scalar_type(t) -> bool:
+    if isinstance(t, (torch.OptionalType, torch.ListType)):
+        t = t.getElementType()
+    return isinstance(t, torch.NumberType)
+
+
+def _scalar_arguments(func) -> tuple[frozenset, frozenset]:
+    """(positions, keyword names) of ``func``'s Scalar, Scalar? and Scalar[] arguments."""
+    found = _scalar_arguments_of.get(func)
+    if found is None:
+        schema = func._schema
+        scalars = [] if schema.name in _SIZED_BY_SCALARS else [
+            (i, a.name) for i, a in enumerate(schema.arguments) if _is_scalar_type(a.type)]
+        found = _scalar_arguments_of[func] = (frozenset(i for i, _ in scalars),
+                                              frozenset(n for _, n in scalars))
+    return found
+
+
+def _scalar_key(x):
+    kind = type(x)
+    if kind is bool or kind is int or kind is float:
+        return kind
+    if kind is list or kind is tuple:
+        return kind, tuple(_scalar_key(v) for v in x)
+    return _arg_key(x)
 
 
 def _template(out, metas: list, storages: dict):

@@ -114,3 +114,29 @@ def test_multiple_outputs_and_metadata_queries(dev):
         same(values, ref_values)
         same(indices, ref_indices)
         assert ra.is_same_size(ra)
+
+
+def test_scalar_values_that_change_every_step_still_hit(dev):
+    # AdamW's bias corrections and a scheduled learning rate are new floats every step.
+    params = [torch.randn(3, 4), torch.randn(4)]
+    remote = [p.to(dev) for p in params]
+    torch._foreach_div_(remote, [1.0, 2.0])
+    torch._foreach_div_(params, [1.0, 2.0])
+    hits, misses = counts()
+    for step in range(2, 5):
+        values = [1.0 / step, 0.5 + step]
+        torch._foreach_div_(remote, values)
+        torch._foreach_div_(params, values)
+        remote[0].add(remote[0], alpha=0.1 * step)
+    assert SHAPES.misses == misses + 1  # only the add's first use
+    assert SHAPES.hits >= hits + 5
+    for r, p in zip(remote, params):
+        same(r, p)
+    same(remote[1] * 3, params[1] * 3)
+    same(remote[1] * 3.5, params[1] * 3.5)  # the type still is part of the key
+
+
+def test_arange_is_keyed_by_its_values(dev):
+    for end in (5, 9, 5):
+        same(torch.arange(2, end, device=dev), torch.arange(2, end))
+        same(torch.arange(0.0, end / 2, 0.5, device=dev), torch.arange(0.0, end / 2, 0.5))
