@@ -81,6 +81,8 @@ def register():
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")
     for overload in ("arange", "arange.start", "arange.start_step"):
         _library.impl(overload, _arange, "PrivateUse1")
+    from offload import attention  # imports RemoteTensor, which needs this module's DEVICE
+    attention.register(_library)
     _take_the_multi_tensor_paths()
     _registered = True
 

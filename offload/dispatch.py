@@ -73,7 +73,10 @@ class Dispatcher:
                 return self.run_data_dependent(func, wire_args, wire_kwargs)
             except torch._subclasses.fake_tensor.DataDependentOutputException:
                 return self.run_data_dependent(func, wire_args, wire_kwargs)
-            if not isinstance(meta_out, torch.Tensor) and not func._schema.is_mutable and not _has_tensor(meta_out):
+            if func._schema.is_mutable:
+                for t in inputs:  # resize_, set_, t_ ... may have changed what _desc says
+                    t._desc = None
+            elif not isinstance(meta_out, torch.Tensor) and not _has_tensor(meta_out):
                 return meta_out  # metadata queries (is_same_size ...) need no worker
             SHAPES.learn(key, func, args, kwargs, inputs, meta_out)
         session = sessions.current()
@@ -123,6 +126,7 @@ def _restride(func, wrapper: RemoteTensor, meta: torch.Tensor):
     """An in-place view op (``transpose_``, ``t_``, ``squeeze_`` ...; torch's GRU does
     ``transpose_`` on its output for batch_first) changed the input's meta: give its wrapper the
     same sizes and strides (the worker changes its own tensor by the same op)."""
+    wrapper._desc = None
     try:
         with torch._C._DisableTorchDispatch():
             aten.as_strided_.default(wrapper, meta.shape, meta.stride(), meta.storage_offset())
@@ -202,12 +206,10 @@ class ShapeCache:
             objects: dict = {}
             storages: dict = {}
             for i, t in enumerate(inputs):
-                m = t._meta
-                if m.dtype.is_complex or m.is_neg():
-                    return None
-                described.append((m.shape, m.stride(), m.storage_offset(), m.dtype,
-                                  objects.setdefault(id(m), i),
-                                  storages.setdefault(m.untyped_storage()._cdata, i)))
+                d = t._desc
+                if d is None:
+                    d = t._desc = _describe(t._meta)
+                described.append((d[0], objects.setdefault(id(t), i), storages.setdefault(d[1], i)))
             positions, names = _scalar_arguments(func)
             return (func, torch.get_default_dtype(),
                     tuple(_scalar_key(a) if i in positions else _arg_key(a) for i, a in enumerate(args)),
@@ -241,6 +243,14 @@ class ShapeCache:
         if len(self.entries) >= self.MAX_ENTRIES:
             self.entries.clear()
         self.entries[key] = template
+
+
+def _describe(m: torch.Tensor) -> tuple:
+    """(metadata, storage) of a meta tensor, kept on its wrapper as ``_desc`` until an op that
+    may change them runs uncached (``Dispatcher.run``)."""
+    if m.dtype.is_complex or m.is_neg():
+        raise _Uncacheable
+    return (m.shape, m.stride(), m.storage_offset(), m.dtype), m.untyped_storage()._cdata
 
 
 def _arg_key(x):
@@ -413,6 +423,14 @@ def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
     session.put(staging, src, wait_sent=not non_blocking, shard=shard)
     session.enqueue("aten::copy_", [RemoteRef(dst._handle.id), RemoteRef(staging)], {}, dst._handle.id)
     session.release_id(staging)
+
+
+@DISPATCHER.rule(aten.detach.default, aten.alias.default)
+def alias(func, args, kwargs):
+    """The same remote tensor under a second wrapper: a worker's tensors carry no autograd
+    history, so it needs no op (autograd saves its tensors through detach, tens a step)."""
+    src = args[0]
+    return RemoteTensor(func(src._meta), src._handle)
 
 
 @DISPATCHER.rule(aten._local_scalar_dense.default)

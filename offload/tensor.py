@@ -36,15 +36,18 @@ class Handle:
 class RemoteTensor(torch.Tensor):
     _meta: torch.Tensor
     _handle: Handle
+    _desc: tuple | None = None  # the shape cache's description of _meta (offload/dispatch.py)
     dispatcher: Callable  # offload/dispatch.py's DISPATCHER, set when that module loads
 
     @staticmethod
-    def __new__(cls, meta: torch.Tensor, tid: int, requires_grad: bool = False):
+    def __new__(cls, meta: torch.Tensor, tid: int | Handle, requires_grad: bool = False):
+        """A wrapper of remote tensor ``tid``, or a second wrapper of one through its ``Handle``
+        (``detach``: the remote tensor is freed with the last of them)."""
         t = torch.Tensor._make_wrapper_subclass(
             cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
             dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
         t._meta = meta
-        t._handle = Handle(tid)
+        t._handle = tid if type(tid) is Handle else Handle(tid)
         return t
 
     @property
@@ -95,7 +98,7 @@ class RemoteTensor(torch.Tensor):
         # Module._apply does through ``.data``) leaves a half parameter naming the float tensor.
         _TENSOR_DATA.__set__(self, new)
         if isinstance(new, RemoteTensor):
-            self._meta, self._handle = new._meta, new._handle
+            self._meta, self._handle, self._desc = new._meta, new._handle, None
 
     data = property(_TENSOR_DATA.__get__, _set_data)
 

@@ -24,6 +24,7 @@ import logging
 import torch
 
 from daemons import wire
+from daemons.worker import fused_attention
 from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
@@ -54,7 +55,13 @@ class OpError(Exception):
 
 
 def resolve_op(name: str):
-    """``"aten::add.Tensor"`` -> ``torch.ops.aten.add.Tensor``, looked up by attribute, never eval'd."""
+    """``"aten::add.Tensor"`` -> ``torch.ops.aten.add.Tensor``, looked up by attribute, never eval'd.
+
+    An op no device has a kernel for (the virtual device's fused attention) resolves to the
+    worker's own implementation of it."""
+    kernel = fused_attention.KERNELS.get(name)
+    if kernel is not None:
+        return kernel
     namespace, sep, rest = name.partition("::")
     if not sep or namespace not in ALLOWED_NAMESPACES:
         raise OpError("op_failed", f"op {name!r} is not an aten/prims operator")

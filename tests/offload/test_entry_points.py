@@ -419,6 +419,95 @@ def test_scaled_dot_product_attention(gqa):
         same(r.grad, t.grad, **FP32)
 
 
+@pytest.fixture
+def streamed_ops(monkeypatch):
+    """The names of the ops the front streams while a test runs."""
+    from offload import session
+
+    names: list[str] = []
+    current = session.current()
+    enqueue = current.enqueue
+
+    def spy(op, *args):
+        names.append(op)
+        return enqueue(op, *args)
+
+    monkeypatch.setattr(current, "enqueue", spy)
+    return names
+
+
+FUSED = "aten::_scaled_dot_product_fused_attention_overrideable"
+
+
+def attention_inputs(heads=4, kv_heads=2, seed=6, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, h, 6, 8, generator=g).to(dtype).requires_grad_()
+            for h in (heads, kv_heads, kv_heads)]
+
+
+def attention_on_both(inputs, *, mask=None, **kwargs):
+    """(remote output and gradients, CPU output and gradients) of one attention."""
+    results = []
+    for on_device in (True, False):
+        ts = [t.detach().cuda().requires_grad_() if on_device else t for t in inputs]
+        m = mask
+        if m is not None and on_device:
+            m = mask.detach().cuda().requires_grad_(mask.requires_grad)
+        out = F.scaled_dot_product_attention(*ts, attn_mask=m, **kwargs)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        out.backward(grad.cuda() if on_device else grad)
+        results.append([out] + [t.grad for t in ts] + ([m.grad] if m is not None and m.requires_grad else []))
+    return results
+
+
+def test_attention_streams_one_fused_op_each_way_with_the_native_results(streamed_ops):
+    remote, local = attention_on_both(attention_inputs(), is_causal=True, enable_gqa=True)
+    assert streamed_ops.count(FUSED) == 1 and streamed_ops.count(FUSED + "_backward") == 1
+    assert not any("softmax" in op or "bmm" in op for op in streamed_ops)
+    for r, t in zip(remote, local):
+        same(r, t, **FP32)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attention_masks_take_the_fused_op(kind, streamed_ops):
+    g = torch.Generator().manual_seed(8)
+    mask = torch.rand(6, 6, generator=g) > 0.3 if kind == "bool" else torch.randn(6, 6, generator=g)
+    mask.fill_diagonal_(True if kind == "bool" else 0.0)
+    remote, local = attention_on_both(attention_inputs(4, 4), mask=mask)
+    assert streamed_ops.count(FUSED) == 1
+    for r, t in zip(remote, local):
+        same(r, t, **FP32)
+
+
+def test_attention_in_bfloat16_under_autocast_takes_the_fused_op(streamed_ops):
+    inputs = attention_inputs(dtype=torch.bfloat16)
+    remote, local = attention_on_both(inputs, is_causal=True, enable_gqa=True)
+    assert streamed_ops.count(FUSED) == 1
+    for r, t in zip(remote, local):
+        same(r, t, rtol=1e-2, atol=1e-2)
+
+
+def test_attention_keeps_the_math_path_where_fused_kernels_do_not_apply(streamed_ops):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # A mask that learns (fused kernels give it no gradient) ...
+    mask = torch.randn(6, 6, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    remote, local = attention_on_both(attention_inputs(4, 4), mask=mask)
+    for r, t in zip(remote, local):
+        same(r, t, **FP32)
+    # ... the program's own choice of backend ...
+    with sdpa_kernel(SDPBackend.MATH):
+        remote, local = attention_on_both(attention_inputs(), is_causal=True, enable_gqa=True)
+    for r, t in zip(remote, local):
+        same(r, t, **FP32)
+    # ... and dropout (random: only its shape and its gradient's shape can be compared).
+    q, k, v = (t.detach().cuda().requires_grad_() for t in attention_inputs(4, 4))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad.shape == q.shape
+    assert FUSED not in streamed_ops and "aten::bmm" in streamed_ops
+
+
 # --- 10. LSTM (and GRU: the same fused-cell path) --------------------------------------------------
 @pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-no-bias"])
 def test_rnn_forward_and_backward(kind):
