@@ -100,6 +100,13 @@ class RemoteRef:
     id: int
 
 
+def packed_ref(tid: int) -> msgpack.ExtType:
+    """``RemoteRef(tid)`` already in the form the packer writes, which msgpack packs without a
+    ``default`` call: a sender naming one tensor in many records (the front's op stream) makes it
+    once per tensor. It decodes as ``RemoteRef(tid)``."""
+    return msgpack.ExtType(EXT_REMOTE_REF, _INT_PACKER.pack(tid))
+
+
 # ----------------------------------------------------------------------------------------------
 # codec
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +185,11 @@ class _Packer:
         return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True)
 
 
+# A reference is one per tensor argument of every streamed op: the ext hook reads its msgpack
+# unsigned int directly (type byte -> encoded length) instead of running an unpacker on it.
+_UINT_WIDTHS = {0xcc: 2, 0xcd: 3, 0xce: 5, 0xcf: 9}
+
+
 class _Unpacker:
     def __init__(self, frames: list):
         self.frames = frames
@@ -189,6 +201,10 @@ class _Unpacker:
         return f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
 
     def ext_hook(self, code, data):
+        if code == EXT_REMOTE_REF and len(data) == 1 and data[0] < 0x80:
+            return RemoteRef(data[0])  # a positive fixint: the first 127 ids, read in place
+        if code == EXT_REMOTE_REF and data and _UINT_WIDTHS.get(data[0]) == len(data):
+            return RemoteRef(int.from_bytes(data[1:], "big"))  # msgpack's uint 8/16/32/64
         try:
             if code == EXT_TENSOR:
                 dtype_name, shape, idx = msgpack.unpackb(data)

@@ -30,10 +30,22 @@ _empty = torch._C._VariableFunctions.empty
 _empty_strided = torch._C._VariableFunctions.empty_strided
 
 
+class OpInfo:
+    """What the per-op path needs to know of an op, worked out at its first call."""
+
+    __slots__ = ("id", "name", "rule", "scalar_positions", "scalar_names")
+
+    def __init__(self, func, rule):
+        self.id, self.name, self.rule = id(func), func.name(), rule
+        self.scalar_positions, self.scalar_names = _scalar_arguments(func)
+
+
 class Dispatcher:
     def __init__(self):
         self.rules: dict = {}
-        self._names: dict = {}
+        # id(op) -> OpInfo: an OpOverload hashes in Python, too slow for a lookup per op; ops
+        # live as long as the process, so their ids are stable keys.
+        self._ops: dict[int, OpInfo] = {}
 
     def rule(self, *ops):
         def register(fn):
@@ -41,34 +53,39 @@ class Dispatcher:
                 if op in self.rules:
                     raise RuntimeError(f"{op} already has a dispatch rule ({self.rules[op].__name__})")
                 self.rules[op] = fn
+            self._ops.clear()
             return fn
         return register
 
+    def info(self, func) -> OpInfo:
+        info = self._ops.get(id(func))
+        if info is None:
+            info = self._ops[id(func)] = OpInfo(func, self.rules.get(func))
+        return info
+
     def __call__(self, func, args, kwargs):
-        rule = self.rules.get(func)
-        if rule is not None:
-            return rule(func, args, kwargs)
-        return self.run(func, args, kwargs)
+        info = self.info(func)
+        if info.rule is not None:
+            return info.rule(func, args, kwargs)
+        return self.run(func, args, kwargs, info)
 
     def op_name(self, func) -> str:
-        name = self._names.get(func)
-        if name is None:
-            name = self._names[func] = func.name()
-        return name
+        return self.info(func).name
 
     # --- the generic path ---------------------------------------------------------------------
 
-    def run(self, func, args, kwargs):
+    def run(self, func, args, kwargs, info: OpInfo | None = None):
+        info = info or self.info(func)
         inputs: list = []
-        meta_args, wire_args = split(args, inputs)
-        meta_kwargs, wire_kwargs = split(kwargs, inputs)
-        key = SHAPES.key(func, args, kwargs, inputs)
+        wire_args = wire_form(args, inputs)
+        wire_kwargs = wire_form(kwargs, inputs) if kwargs else kwargs
+        key = SHAPES.key(info, args, kwargs, inputs)
         template = SHAPES.get(key)
         if template is not None:
             meta_out = rebuild(template, [t._meta for t in inputs])
         else:
             try:
-                meta_out = func(*meta_args, **meta_kwargs)
+                meta_out = func(*meta_form(args), **meta_form(kwargs))
             except NotImplementedError:
                 return self.run_data_dependent(func, wire_args, wire_kwargs)
             except torch._subclasses.fake_tensor.DataDependentOutputException:
@@ -78,11 +95,11 @@ class Dispatcher:
                     t._desc = None
             elif not isinstance(meta_out, torch.Tensor) and not _has_tensor(meta_out):
                 return meta_out  # metadata queries (is_same_size ...) need no worker
-            SHAPES.learn(key, func, args, kwargs, inputs, meta_out)
+            SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
         session = sessions.current()
         by_meta = {id(t._meta): t for t in inputs}
         out, out_spec = self.wrap(func, meta_out, by_meta, session)
-        session.enqueue(self.op_name(func), wire_args, wire_kwargs, out_spec)
+        session.enqueue(info.name, wire_args, wire_kwargs, out_spec)
         return out
 
     def wrap(self, func, meta_out, by_meta: dict, session):
@@ -136,26 +153,33 @@ def _restride(func, wrapper: RemoteTensor, meta: torch.Tensor):
             "virtual device does not support; use the out-of-place form") from None
 
 
-def split(x, inputs: list):
-    """(meta form, wire form) of an op argument; RemoteTensors found are appended to ``inputs``."""
+def wire_form(x, inputs: list):
+    """An op argument as its record carries it; the RemoteTensors in it are appended to ``inputs``."""
     if isinstance(x, RemoteTensor):
         inputs.append(x)
-        return x._meta, RemoteRef(x._handle.id)
-    if isinstance(x, (list, tuple)):
-        metas, wires = [], []
-        for v in x:
-            m, w = split(v, inputs)
-            metas.append(m)
-            wires.append(w)
-        return (metas, wires) if isinstance(x, list) else (tuple(metas), tuple(wires))
-    if isinstance(x, dict):
-        metas, wires = {}, {}
-        for k, v in x.items():
-            metas[k], wires[k] = split(v, inputs)
-        return metas, wires
-    if isinstance(x, torch.device) and x.type != "cpu":
-        return META, x
-    return x, x
+        return x._handle.ref
+    kind = type(x)
+    if kind is list or kind is tuple:
+        wires = [wire_form(v, inputs) for v in x]
+        return wires if kind is list else tuple(wires)
+    if kind is dict:
+        return {k: wire_form(v, inputs) for k, v in x.items()}
+    return x
+
+
+def meta_form(x):
+    """An op argument as the meta kernel takes it: tensors' metas, the device as ``meta``."""
+    if isinstance(x, RemoteTensor):
+        return x._meta
+    kind = type(x)
+    if kind is list or kind is tuple:
+        metas = [meta_form(v) for v in x]
+        return metas if kind is list else tuple(metas)
+    if kind is dict:
+        return {k: meta_form(v) for k, v in x.items()}
+    if kind is torch.device and x.type != "cpu":
+        return META
+    return x
 
 
 def _has_tensor(x) -> bool:
@@ -198,7 +222,7 @@ class ShapeCache:
         self.entries: dict = {}
         self.hits = self.misses = 0
 
-    def key(self, func, args, kwargs, inputs):
+    def key(self, info: OpInfo, args, kwargs, inputs):
         """The op's key, or None for one the cache must not answer (other tensors, generators,
         complex or negative-bit inputs)."""
         try:
@@ -210,8 +234,8 @@ class ShapeCache:
                 if d is None:
                     d = t._desc = _describe(t._meta)
                 described.append((d[0], objects.setdefault(id(t), i), storages.setdefault(d[1], i)))
-            positions, names = _scalar_arguments(func)
-            return (func, torch.get_default_dtype(),
+            positions, names = info.scalar_positions, info.scalar_names
+            return (info.id, torch.get_default_dtype(),
                     tuple(_scalar_key(a) if i in positions else _arg_key(a) for i, a in enumerate(args)),
                     tuple((k, _scalar_key(v) if k in names else _arg_key(v)) for k, v in kwargs.items()),
                     tuple(described))
@@ -228,9 +252,9 @@ class ShapeCache:
             self.hits += 1
         return template
 
-    def learn(self, key, func, args, kwargs, inputs, meta_out):
+    def learn(self, key, info: OpInfo, args, kwargs, inputs, meta_out):
         # An op that changed an input's metadata (resize_, squeeze_ ...) is not a function of the key.
-        if key is None or self.key(func, args, kwargs, inputs) != key:
+        if key is None or self.key(info, args, kwargs, inputs) != key:
             return
         metas = [t._meta for t in inputs]
         storages: dict = {}
@@ -268,7 +292,6 @@ def _arg_key(x):
 # promotes by category): so a learning rate or a bias correction that changes every step (AdamW's
 # _foreach_addcdiv_.ScalarList) still hits. Except where the values are the size: arange, range.
 _SIZED_BY_SCALARS = frozenset({"aten::arange", "aten::range"})
-_scalar_arguments_of: dict = {}
 
 
 def _is_scalar_type(t) -> bool:
@@ -279,14 +302,10 @@ def _is_scalar_type(t) -> bool:
 
 def _scalar_arguments(func) -> tuple[frozenset, frozenset]:
     """(positions, keyword names) of ``func``'s Scalar, Scalar? and Scalar[] arguments."""
-    found = _scalar_arguments_of.get(func)
-    if found is None:
-        schema = func._schema
-        scalars = [] if schema.name in _SIZED_BY_SCALARS else [
-            (i, a.name) for i, a in enumerate(schema.arguments) if _is_scalar_type(a.type)]
-        found = _scalar_arguments_of[func] = (frozenset(i for i, _ in scalars),
-                                              frozenset(n for _, n in scalars))
-    return found
+    schema = func._schema
+    scalars = [] if schema.name in _SIZED_BY_SCALARS else [
+        (i, a.name) for i, a in enumerate(schema.arguments) if _is_scalar_type(a.type)]
+    return frozenset(i for i, _ in scalars), frozenset(n for _, n in scalars)
 
 
 def _scalar_key(x):

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from daemons.wire import packed_ref
 from offload import session
 from offload.device import DEVICE
 
@@ -21,12 +22,14 @@ _SUFFIX_SEPARATOR = re.compile(r", (?=[a-z_]+=)")  # between torch's repr suffix
 
 
 class Handle:
-    """The worker-side id of one tensor; freeing the last wrapper frees the remote tensor."""
+    """The worker-side id of one tensor; freeing the last wrapper frees the remote tensor.
+    ``ref`` is the id as op records name it, packed once for all the records using it."""
 
-    __slots__ = ("id",)
+    __slots__ = ("id", "ref")
 
     def __init__(self, tid: int):
         self.id = tid
+        self.ref = packed_ref(tid)
 
     def __del__(self):
         # Only appends to a list: safe at any point the garbage collector runs.

@@ -42,6 +42,8 @@ ALLOWED_NAMESPACES = ("aten", "prims")
 SEED_OP = "moai::manual_seed"                 # args [seed]
 GET_RNG_STATE_OP = "moai::get_rng_state"      # out: a fresh id for the generator state
 SET_RNG_STATE_OP = "moai::set_rng_state"      # args [RemoteRef(state)]
+# Op arguments that are their own value on the worker.
+_PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None), torch.dtype})
 # Allocations whose size is known from their arguments: checked against the cap before they run.
 _EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
 
@@ -158,19 +160,22 @@ class Executor:
             self.meter.remove(t)
 
     def _resolve(self, x):
-        if isinstance(x, wire.RemoteRef):
+        kind = type(x)  # exact types, most frequent first: this runs for every argument of every op
+        if kind is wire.RemoteRef:
             t = self.tensors.get(x.id)
             if t is None:
                 raise OpError("missing_tensor", f"tensor #{x.id} does not exist on this worker "
                                                 "(never created, already freed, or its op failed)")
             return t
-        if isinstance(x, list):
+        if kind in _PLAIN_ARGUMENTS:
+            return x
+        if kind is list:
             return [self._resolve(v) for v in x]
-        if isinstance(x, tuple):
+        if kind is tuple:
             return tuple(self._resolve(v) for v in x)
-        if isinstance(x, dict):
+        if kind is dict:
             return {k: self._resolve(v) for k, v in x.items()}
-        if isinstance(x, torch.device):
+        if kind is torch.device:
             return self.device
         if isinstance(x, torch.Tensor) and x.dim() > 0:  # a CPU 0-dim scalar stays where it is
             return x.to(self.device)
