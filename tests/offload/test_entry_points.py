@@ -479,12 +479,24 @@ def test_attention_masks_take_the_fused_op(kind, streamed_ops):
         same(r, t, **FP32)
 
 
-def test_attention_in_bfloat16_under_autocast_takes_the_fused_op(streamed_ops):
+def test_attention_in_bfloat16_takes_the_fused_op(streamed_ops):
     inputs = attention_inputs(dtype=torch.bfloat16)
     remote, local = attention_on_both(inputs, is_causal=True, enable_gqa=True)
     assert streamed_ops.count(FUSED) == 1
     for r, t in zip(remote, local):
         same(r, t, rtol=1e-2, atol=1e-2)
+
+
+def test_attention_under_autocast_runs_fused_in_bfloat16(streamed_ops):
+    q, k, v = (t.detach().cuda().requires_grad_() for t in attention_inputs())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert out.dtype == torch.bfloat16 and streamed_ops.count(FUSED) == 1
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and streamed_ops.count(FUSED + "_backward") == 1
+    cq, ck, cv = (t.detach().cpu().to(torch.bfloat16) for t in (q, k, v))
+    expected = F.scaled_dot_product_attention(cq, ck, cv, is_causal=True, enable_gqa=True)
+    same(out, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_attention_keeps_the_math_path_where_fused_kernels_do_not_apply(streamed_ops):
