@@ -16,15 +16,11 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend
 
-from offload.tensor import RemoteTensor
+from offload.dispatch import meta_form
 
 aten = torch.ops.aten
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _SDPA = aten.scaled_dot_product_attention.default
-
-
-def _meta(x):
-    return x._meta if isinstance(x, RemoteTensor) else x
 
 
 def _fused(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
@@ -33,7 +29,7 @@ def _fused(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     # The CPU's chooser reads only metadata and the user's backend switches: the meta tensors
     # answer it as these tensors would on a CPU.
     choice = aten._fused_sdp_choice.default.redispatch(
-        _CPU, _meta(query), _meta(key), _meta(value), _meta(attn_mask), dropout_p, is_causal,
+        _CPU, *meta_form([query, key, value, attn_mask]), dropout_p, is_causal,
         scale=scale, enable_gqa=enable_gqa)
     return choice == SDPBackend.FLASH_ATTENTION.value
 
