@@ -317,9 +317,10 @@ def test_moreh_smi_in_a_front_container_shows_a_running_job(compose_cluster, use
         assert shown.returncode == 0, shown.stdout + shown.stderr
         rows = [(int(job_id), int(row_pid), process, int(mib))
                 for _, job_id, row_pid, process, mib in PROCESS_ROW.findall(shown.stdout)]
-        # The memory column is the job's last heartbeat (every second): 0 until the first one
-        # carrying the workers' figures has arrived.
-        return rows if rows and rows[0][3] else None
+        # The memory column is the job's last heartbeat (every second), whose figures the probe
+        # asked for a beat earlier: 0 until the first one has arrived, and it can show what the
+        # workers held before the program's last allocations (the weight without its gradient).
+        return rows if rows and rows[0][3] == allocated // MIB else None
 
     try:
         rows = wait_until(process_rows, SMI_MEMORY_TIMEOUT_S, "moreh-smi to show the job's memory", interval_s=1)
