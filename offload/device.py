@@ -81,8 +81,9 @@ def register():
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")
     for overload in ("arange", "arange.start", "arange.start_step"):
         _library.impl(overload, _arange, "PrivateUse1")
-    from offload import attention  # imports RemoteTensor, which needs this module's DEVICE
+    from offload import attention, linear  # they import RemoteTensor, which needs DEVICE
     attention.register(_library)
+    linear.register(_library)
     _take_the_multi_tensor_paths()
     _registered = True
 

@@ -24,7 +24,7 @@ import logging
 import torch
 
 from daemons import wire
-from daemons.worker import fused_attention
+from daemons.worker import fused_attention, fused_linear
 from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
@@ -44,6 +44,8 @@ GET_RNG_STATE_OP = "moai::get_rng_state"      # out: a fresh id for the generato
 SET_RNG_STATE_OP = "moai::set_rng_state"      # args [RemoteRef(state)]
 # Op arguments that are their own value on the worker.
 _PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None), torch.dtype})
+# The worker's implementations of the ops no device has a kernel for, by the name a record uses.
+_KERNELS = {**fused_attention.KERNELS, **fused_linear.KERNELS}
 # Allocations whose size is known from their arguments: checked against the cap before they run.
 _EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
 
@@ -59,9 +61,9 @@ class OpError(Exception):
 def resolve_op(name: str):
     """``"aten::add.Tensor"`` -> ``torch.ops.aten.add.Tensor``, looked up by attribute, never eval'd.
 
-    An op no device has a kernel for (the virtual device's fused attention) resolves to the
-    worker's own implementation of it."""
-    kernel = fused_attention.KERNELS.get(name)
+    An op no device has a kernel for (the virtual device's fused attention and linear) resolves
+    to the worker's own implementation of it."""
+    kernel = _KERNELS.get(name)
     if kernel is not None:
         return kernel
     namespace, sep, rest = name.partition("::")

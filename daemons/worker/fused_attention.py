@@ -19,24 +19,11 @@ import math
 
 import torch
 
+from daemons.worker.kernel import Kernel
+
 aten = torch.ops.aten
 FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable"
 BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward"
-
-
-class Kernel:
-    """Runs in place of an aten op that has no kernel here, and looks like it to the executor and
-    the SPMD backend (name, tags, schema: the rules that read them see the op the front named)."""
-
-    def __init__(self, op, fn):
-        self.op, self.fn = op, fn
-        self.tags, self._schema = op.tags, op._schema
-
-    def name(self) -> str:
-        return self.op.name()
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
 
 
 def forward(query, key, value, attn_bias=None, dropout_p=0.0, is_causal=False,

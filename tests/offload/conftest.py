@@ -7,7 +7,13 @@ and agent start the real stack with tests/cluster.py.
 """
 import pytest
 
+from offload import device
 from worker_fixture import SECRET, start_worker
+
+# Before any test runs a backward: torch's autograd engine sizes its per-device queues when it
+# first starts, and a device registered after that has none (an internal assert at the first
+# backward on it). In a program the hook registers it at ``import torch``.
+device.register()
 
 
 @pytest.fixture

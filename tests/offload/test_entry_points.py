@@ -520,6 +520,84 @@ def test_attention_keeps_the_math_path_where_fused_kernels_do_not_apply(streamed
     assert FUSED not in streamed_ops and "aten::bmm" in streamed_ops
 
 
+LINEAR = "moai::linear"
+
+
+@pytest.mark.parametrize("shape,bias", [((2, 5, 6), True), ((4, 6), False), ((6,), True)],
+                         ids=["3d-bias", "2d", "1d-bias"])
+def test_linear_streams_one_op_each_way_with_the_native_results(shape, bias, streamed_ops):
+    torch.manual_seed(3)
+    local = nn.Linear(6, 3, bias=bias)
+    remote = copy.deepcopy(local).cuda()
+    x = torch.randn(shape, requires_grad=True)
+    rx = x.detach().cuda().requires_grad_()
+    out, rout = local(x), remote(rx)
+    same(rout, out, **FP32)
+    grad = torch.randn(out.shape)
+    out.backward(grad)
+    rout.backward(grad.cuda())
+    assert streamed_ops.count(LINEAR) == 1 and streamed_ops.count(LINEAR + "_backward") == 1
+    assert "aten::mm" not in streamed_ops and "aten::t" not in streamed_ops
+    same(rx.grad, x.grad, **FP32)
+    for p, q in zip(local.parameters(), remote.parameters()):
+        same(q.grad, p.grad, **FP32)
+
+
+def test_linear_gradients_only_where_asked_and_without_autograd(streamed_ops):
+    torch.manual_seed(4)
+    local = nn.Linear(6, 3)
+    local.weight.requires_grad_(False)   # a frozen weight, a trained bias and input
+    remote = copy.deepcopy(local).cuda()
+    x = torch.randn(4, 6, requires_grad=True)
+    rx = x.detach().cuda().requires_grad_()
+    local(x).sum().backward()
+    remote(rx).sum().backward()
+    assert remote.weight.grad is None
+    same(remote.bias.grad, local.bias.grad, **FP32)
+    same(rx.grad, x.grad, **FP32)
+    with torch.no_grad():
+        same(remote(rx), local(x), **FP32)
+    assert streamed_ops.count(LINEAR) == 2
+
+
+def test_linear_double_backward_matches_native(streamed_ops):
+    # create_graph (a gradient penalty): the gradients are built from differentiable ops.
+    torch.manual_seed(5)
+    local = nn.Linear(6, 3)
+    remote = copy.deepcopy(local).cuda()
+    x = torch.randn(4, 6, requires_grad=True)
+    rx = x.detach().cuda().requires_grad_()
+    for model, inp in ((local, x), (remote, rx)):
+        loss = model(inp).tanh().sum()
+        streamed_ops.clear()
+        (g,) = torch.autograd.grad(loss, inp, create_graph=True)
+        built_from = list(streamed_ops)
+        g.pow(2).sum().backward()
+    assert LINEAR + "_backward" not in built_from and "aten::mm" in built_from
+    same(rx.grad, x.grad, **FP32)
+    for p, q in zip(local.parameters(), remote.parameters()):
+        same(q.grad, p.grad, **FP32)
+
+
+def test_linear_with_an_argument_on_the_host_fails_as_on_cuda():
+    remote = nn.Linear(6, 3).cuda()
+    with pytest.raises(RuntimeError, match="same device|device"):
+        remote(torch.randn(4, 6))
+
+
+def test_linear_under_autocast_runs_fused_in_bfloat16(streamed_ops):
+    remote = nn.Linear(6, 3).cuda()
+    rx = torch.randn(4, 6).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = remote(rx)
+    assert out.dtype == torch.bfloat16 and streamed_ops.count(LINEAR) == 1
+    out.float().sum().backward()
+    assert remote.weight.grad.dtype == torch.float32
+    expected = F.linear(rx.cpu().bfloat16(), remote.weight.detach().cpu().bfloat16(),
+                        remote.bias.detach().cpu().bfloat16())
+    same(out, expected, rtol=1e-2, atol=1e-2)
+
+
 # --- 10. LSTM (and GRU: the same fused-cell path) --------------------------------------------------
 @pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-no-bias"])
 def test_rnn_forward_and_backward(kind):
