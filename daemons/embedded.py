@@ -304,13 +304,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemons.embedded", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=sorted(COMMANDS))
     args = parser.parse_args(argv)
-    from daemons.agent import inventory
-
-    # daemons.wire imports torch when it can; these commands never carry tensors, and without
-    # torch each answers in a fraction of a second instead of several. A GPU machine may need
-    # torch.cuda to count its GPUs (worker_slots).
-    if not inventory.gpu_device_present():
-        sys.modules.setdefault("torch", None)
     try:
         return COMMANDS[args.command](config.load())
     except StackError as e:

@@ -24,10 +24,12 @@ Never pickle: nothing received is ever executed.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -37,11 +39,6 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 import zmq
-
-try:  # the control-plane daemons and CLI tools run without torch installed
-    import torch
-except ImportError:  # pragma: no cover - exercised only in torch-less installs
-    torch = None
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +108,39 @@ def packed_ref(tid: int) -> msgpack.ExtType:
 # codec
 # ----------------------------------------------------------------------------------------------
 
-def _torch_dtype_names() -> dict:
-    if torch is None:
-        return {}
-    return {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+# This module never imports torch itself. A value to encode can be a tensor (dtype, device ...)
+# only in a process that imported torch already, and a received one imports it (_torch_names).
+# So the control plane and the tools, which carry no tensors, never pay torch's seconds and
+# hundreds of MB; and a program importing this module before torch does not set off the front's
+# offload hook (which imports this module) while this module is still half made.
+def _loaded_torch():
+    return sys.modules.get("torch")
 
 
-_DTYPES = _torch_dtype_names()
-_LAYOUTS = {str(v): v for v in vars(torch).values() if torch and isinstance(v, torch.layout)} if torch else {}
-_MEMORY_FORMATS = (
-    {str(v): v for v in vars(torch).values() if isinstance(v, torch.memory_format)} if torch else {}
-)
+@dataclass(frozen=True)
+class _TorchNames:
+    torch: Any
+    dtypes: dict
+    layouts: dict
+    memory_formats: dict
 
 
-def _tensor_bytes(t) -> memoryview:
+@functools.cache
+def _torch_names() -> _TorchNames:
+    """torch and its values by their wire names, at the first torch value received."""
+    try:
+        import torch
+    except ImportError:
+        raise ProtocolError("a torch value was received by a process without torch") from None
+    values = vars(torch).values()
+    return _TorchNames(
+        torch,
+        {str(v).removeprefix("torch."): v for v in values if isinstance(v, torch.dtype)},
+        {str(v): v for v in values if isinstance(v, torch.layout)},
+        {str(v): v for v in values if isinstance(v, torch.memory_format)})
+
+
+def _tensor_bytes(t, torch) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -153,12 +169,13 @@ class _Packer:
     def default(self, obj):
         if isinstance(obj, RemoteRef):  # first: op streams are mostly references
             return msgpack.ExtType(EXT_REMOTE_REF, _INT_PACKER.pack(obj.id))
+        torch = _loaded_torch()
         if torch is not None:
             if isinstance(obj, torch.Tensor):
                 if obj.is_complex():
-                    idx = self._buffer(_tensor_bytes(torch.view_as_real(obj.resolve_conj())))
+                    idx = self._buffer(_tensor_bytes(torch.view_as_real(obj.resolve_conj()), torch))
                 else:
-                    idx = self._buffer(_tensor_bytes(obj))
+                    idx = self._buffer(_tensor_bytes(obj, torch))
                 payload = [str(obj.dtype).removeprefix("torch."), list(obj.shape), idx]
                 return msgpack.ExtType(EXT_TENSOR, msgpack.packb(payload))
             if isinstance(obj, torch.dtype):
@@ -214,13 +231,13 @@ class _Unpacker:
                 buf = self._frame(idx)
                 return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
             if code == EXT_DTYPE:
-                return _DTYPES[data.decode()]
+                return _torch_names().dtypes[data.decode()]
             if code == EXT_DEVICE:
-                return torch.device(data.decode())
+                return _torch_names().torch.device(data.decode())
             if code == EXT_LAYOUT:
-                return _LAYOUTS[data.decode()]
+                return _torch_names().layouts[data.decode()]
             if code == EXT_MEMORY_FORMAT:
-                return _MEMORY_FORMATS[data.decode()]
+                return _torch_names().memory_formats[data.decode()]
             if code == EXT_COMPLEX:
                 re, im = msgpack.unpackb(data)
                 return complex(re, im)
@@ -242,9 +259,9 @@ class _Unpacker:
 
 
 def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
-    if torch is None:
-        raise ProtocolError("tensor received by a process without torch")
-    dtype = _DTYPES.get(dtype_name)
+    names = _torch_names()
+    torch = names.torch
+    dtype = names.dtypes.get(dtype_name)
     if dtype is None:
         raise ProtocolError(f"unknown dtype {dtype_name!r}")
     elem = dtype.itemsize

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import sys
 
-# Docker runs this every few seconds in every back node: importing torch (daemons.wire takes it
-# when installed) would cost seconds of CPU each time for nothing.
-sys.modules["torch"] = None
-
-from daemons import config, wire  # noqa: E402
+from daemons import config, wire
 
 TIMEOUT_S = 3.0
 

@@ -67,7 +67,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    common.keep_torch_out()
     args = parse_args(argv)
     # Piped output (scripts, tests) gets wide rows instead of cells wrapped at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)

@@ -9,17 +9,9 @@ import importlib.metadata
 import sys
 from typing import Callable
 
-from daemons import config
+from daemons import config, wire
 
 MASTER_TIMEOUT_S = 5.0
-
-
-def keep_torch_out():
-    """First call of every tool's main(). The tools never carry tensors, and daemons.wire imports
-    torch when it can: keeping it out makes a tool start in a fraction of a second instead of
-    several. Done in main(), not at import, so importing these modules changes nothing; wire is
-    therefore imported only once a connection is made."""
-    sys.modules.setdefault("torch", None)
 
 
 class ToolError(Exception):
@@ -28,14 +20,10 @@ class ToolError(Exception):
 
 class MasterConnection:
     def __init__(self, settings: config.Settings, token: str):
-        from daemons import wire  # see keep_torch_out
-
         self.address = settings.master_addr
         self.client = wire.Client(settings.master_addr, token, timeout_s=MASTER_TIMEOUT_S)
 
     def call(self, msg_type: str, body: dict | None = None):
-        from daemons import wire  # see keep_torch_out
-
         try:
             return self.client.call(msg_type, body or {})
         except wire.TransportTimeout:

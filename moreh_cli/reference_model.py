@@ -63,7 +63,6 @@ def fetch(name: str, target: Path | None, force: bool):
 
 
 def main(argv=None) -> int:
-    common.keep_torch_out()
     parser = argparse.ArgumentParser(prog="get-reference-model", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:4]))

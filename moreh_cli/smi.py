@@ -141,7 +141,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    common.keep_torch_out()
     args = parse_args(argv)
 
     def body():

@@ -12,7 +12,6 @@ from moreh_cli.smi import current_flavor
 
 
 def main(argv=None) -> int:
-    common.keep_torch_out()
     parser = argparse.ArgumentParser(prog="moreh-switch-model", description=__doc__.splitlines()[0])
     parser.add_argument("size", nargs="?", help="size number (1-12) or name; a menu asks when omitted")
     args = parser.parse_args(argv)

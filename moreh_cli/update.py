@@ -146,7 +146,6 @@ def update(args):
 
 
 def main(argv=None) -> int:
-    common.keep_torch_out()
     parser = argparse.ArgumentParser(prog="update-moreh", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:8]))

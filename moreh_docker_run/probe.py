@@ -12,10 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-# The probe needs no torch; importing it would cost seconds (daemons.wire takes it if present).
-sys.modules["torch"] = None
-
-from daemons import wire  # noqa: E402
+from daemons import wire
 
 PROBE_TIMEOUT_S = 5.0
 

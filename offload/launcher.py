@@ -55,7 +55,6 @@ def run(cmd: list[str]) -> None:
 def status() -> None:
     from moreh_cli import common
 
-    common.keep_torch_out()
     torch_version = hook.installed_torch_version() or "not installed"
     print(f"MoAI Platform {common.client_version()} (torch {torch_version})")
     print("\n".join(hook.status_lines(hook.default_site_dir())))

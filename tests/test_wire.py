@@ -1,5 +1,8 @@
 """The wire protocol: codec round trips, malformed input, and a real ROUTER/DEALER pair on loopback."""
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -52,6 +55,23 @@ def test_torch_scalar_types_and_refs():
     assert isinstance(out[5], tuple)
     assert np.array_equal(out[7], body[7]) and out[7].dtype == np.int16
     assert out[8:] == body[8:]
+
+
+def test_torch_is_loaded_only_by_the_first_torch_value_received():
+    """The control plane and the tools carry no tensors and never load torch (seconds, hundreds of
+    MB); a process that receives a tensor gets it decoded all the same."""
+    frames = wire.encode("put", {"t": torch.arange(3), "dtype": torch.float16})
+    program = (
+        "import sys; from daemons import wire\n"
+        "control = wire.decode(wire.encode('hello', {'n': 1, 'ref': wire.RemoteRef(7)}))\n"
+        "print('torch' in sys.modules, control.body)\n"
+        "body = wire.decode([bytes.fromhex(f) for f in sys.argv[1:]]).body\n"
+        "print('torch' in sys.modules, body['t'].tolist(), body['dtype'])\n")
+    out = subprocess.run([sys.executable, "-c", program, *(bytes(f).hex() for f in frames)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "MOAI_OFFLOAD": "0"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ("False {'n': 1, 'ref': RemoteRef(id=7)}\n"
+                          "True [0, 1, 2] torch.float16\n")
 
 
 def test_unencodable_object_is_a_clear_error():

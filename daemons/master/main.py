@@ -6,20 +6,15 @@ the SQLite database at ``db_path``.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from daemons import config, wire
+from daemons.master.daemon import serve
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="moai-master", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default: $MOAI_CONFIG or ~/.moai/moai.toml)")
     args = parser.parse_args(argv)
-    # The master never carries tensors, and wire imports torch when it can: keeping torch out of
-    # this process saves seconds of start-up and hundreds of MB. Done here, not at import time,
-    # so that importing the master's modules into a torch program changes nothing.
-    sys.modules.setdefault("torch", None)
-    from daemons import config, wire
-    from daemons.master.daemon import serve
-
     wire.setup_logging("master")
     serve(config.load(args.config))
 

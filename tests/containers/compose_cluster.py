@@ -32,7 +32,6 @@ RESTART_TIMEOUT_S = 60.0
 # Without a user token the request goes with the cluster secret (the operator's requests).
 MASTER_CALL = """
 import json, sys
-sys.modules["torch"] = None
 from daemons import config, wire
 s = config.load()
 c = wire.Client(s.master_addr, token=sys.argv[2] or s.cluster_secret, timeout_s=5.0)

@@ -66,6 +66,16 @@ def test_plain_python_activates_only_when_configured(tmp_path):
     assert python({**env, "MOAI_OFFLOAD": "1"}, "-c", PROBE).stdout == "True 1\n"
 
 
+def test_a_program_importing_the_wire_module_before_torch_is_offloaded(tmp_path):
+    """daemons.wire is what the layer itself imports: loading it first must not make torch's import
+    start the layer against a half-made wire (that imported torch twice and aborted the process)."""
+    env = user_env(tmp_path, MOAI_MASTER_ADDR=NOWHERE, MOAI_TOKEN="some-token")
+    install_user_hook(env)
+    out = python(env, "-c", "import sys; from daemons import wire; "
+                            "print('torch' in sys.modules); " + PROBE, timeout_s=60)
+    assert out.returncode == 0 and out.stdout == "False\nTrue 1\n", out.stderr
+
+
 def test_a_broken_hook_costs_one_line_and_never_stops_python(tmp_path):
     broken = tmp_path / "broken"
     (broken / "offload").mkdir(parents=True)
