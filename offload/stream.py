@@ -4,8 +4,8 @@ Op records are appended to a batch and leave as one ``run_ops`` message when the
 before anything that must see their effect (fetch, sync, put, a query), so the front never waits
 on the network per op. Every message goes to every worker (SPMD: all ranks run the same stream);
 a request's answer is checked on each rank and the data comes from rank 0. Ids the garbage
-collector frees are only appended to a list (safe at any point GC runs) and leave as one ``free``
-after the batch that may still use them.
+collector frees are only appended to a list (safe at any point GC runs) and leave with the next
+batch, which may still use them: the worker frees them after its ops.
 
 Waits are sliced: between slices the stream checks that the workers are still there (a closed
 connection to one of them, or the job failed by the master), so a lost worker is an error, never
@@ -114,14 +114,14 @@ class Stream:
             if not self._check_alive():
                 self._batch.clear()  # lost, found in the autograd engine's thread: see _check_alive
                 return
+            # Appends racing with this (GC, other threads) land past n and stay for next time.
+            n = len(self._freed)
+            freed = self._freed[:n]
+            del self._freed[:n]
             if self._batch:
                 batch, self._batch = self._batch, []
-                self._send_all("run_ops", {"ops": batch})
-            n = len(self._freed)
-            if n:
-                # Appends racing with this (GC, other threads) land past n and stay for next time.
-                freed = self._freed[:n]
-                del self._freed[:n]
+                self._send_all("run_ops", {"ops": batch, "free": freed} if freed else {"ops": batch})
+            elif freed:
                 self._send_all("free", {"ids": freed})
 
     # --- transfers and queries ---------------------------------------------------------------

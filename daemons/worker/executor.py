@@ -130,16 +130,32 @@ class Executor:
     def handlers(self) -> dict:
         """The data-plane requests (docs/PROTOCOL.md, Worker); streamed ones answer NO_REPLY."""
         return {
-            "run_ops": self.run_ops,
-            "put": self.put,
+            "run_ops": self._streamed(self.run_ops),
+            "put": self._streamed(self.put),
             "fetch": self.fetch,
             "item": self.item,
             "describe": self.describe,
-            "free": self.free,
+            "free": self._streamed(self.free),
             "sync": self.sync,
             "memory_stats": self.memory_stats,
             "reset_peak": self.reset_peak,
         }
+
+    def _streamed(self, handler):
+        """Nobody waits for a streamed message's reply: a malformed one is held like a failed op,
+        for the next ``sync`` or ``fetch`` to report."""
+        def run(msg):
+            try:
+                return handler(msg)
+            except wire.RequestError as e:
+                self._hold(OpError("op_failed", f"bad {msg.type} message: {e.message}"))
+                return wire.NO_REPLY
+        return run
+
+    def _hold(self, error: OpError):
+        if self.error is None:
+            self.error = error
+            log.warning("held error: %s", error)
 
     def close(self):
         self.tensors.clear()
@@ -247,19 +263,20 @@ class Executor:
                 self._bind_release(s)
 
     def run_ops(self, msg):
-        for record in wire.field(msg.body, "ops", list):
+        records = wire.field(msg.body, "ops", list)
+        freed = wire.field(msg.body, "free", list, ())
+        for record in records:
             if self.error is None:
                 try:
                     self._run_one(record)
                 except OpError as e:
-                    self.error = e
-                    log.info("held error: %s", e)
+                    self._hold(e)
                 except Exception as e:  # a malformed record: streamed, so held like any failure
-                    self.error = OpError("op_failed", f"bad op record {str(record)[:200]}: "
-                                                      f"{type(e).__name__}: {e}")
-                    log.warning("held error: %s", self.error)
+                    self._hold(OpError("op_failed", f"bad op record {str(record)[:200]}: "
+                                                    f"{type(e).__name__}: {e}"))
             if isinstance(record, list) and record and isinstance(record[0], int):
                 self.done_seq = record[0]
+        self._free_ids(freed)
         return wire.NO_REPLY
 
     def _raise_held(self):
@@ -272,10 +289,10 @@ class Executor:
     def put(self, msg):
         t, tid = wire.field(msg.body, "tensor", torch.Tensor), wire.field(msg.body, "id", int)
         if not self.on_gpu and self.meter.allocated + t.nbytes > self.spec.memory_cap:
-            if self.error is None:  # the upload's bytes are dropped: nothing is held past the cap
-                self.error = OpError("oom", f"upload of tensor #{tid} ran out of device memory: "
-                                            f"{t.nbytes} bytes with {self.meter.allocated} bytes in "
-                                            f"use and a cap of {self.spec.memory_cap} bytes")
+            # The upload's bytes are dropped: nothing is held past the cap.
+            self._hold(OpError("oom", f"upload of tensor #{tid} ran out of device memory: "
+                                      f"{t.nbytes} bytes with {self.meter.allocated} bytes in "
+                                      f"use and a cap of {self.spec.memory_cap} bytes"))
             return wire.NO_REPLY
         self._store(tid, t if not self.on_gpu else t.to(self.device, non_blocking=True))
         return wire.NO_REPLY
@@ -308,10 +325,13 @@ class Executor:
         return {"tensors": out}
 
     def free(self, msg):
-        for tid in wire.field(msg.body, "ids", list):
+        self._free_ids(wire.field(msg.body, "ids", list))
+        return wire.NO_REPLY
+
+    def _free_ids(self, ids: list):
+        for tid in ids:
             if isinstance(tid, int):
                 self._drop(tid)
-        return wire.NO_REPLY
 
     def _memory(self) -> dict:
         if self.on_gpu:

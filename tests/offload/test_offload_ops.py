@@ -4,7 +4,9 @@ import gc
 import pytest
 import torch
 
+from daemons import wire
 from offload import session
+from worker_fixture import SECRET
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,6 +141,24 @@ def test_freed_tensors_give_their_memory_back(dev):
     assert stats["peak"] >= before + (4 << 20)
     session.reset_peak()
     assert session.memory_stats()["peak"] == before
+
+
+def test_ids_freed_with_a_batch_are_released_after_its_ops(worker):
+    """The stream sends the ids the program dropped with the batch that may still use them."""
+    client = wire.Client(worker.address, SECRET, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
+    try:
+        client.send("put", {"id": 1, "tensor": torch.arange(4.0)})
+        client.send("run_ops", {"ops": [[1, "aten::mul.Scalar", [wire.RemoteRef(1), 2.0], {}, 2]],
+                                "free": [1]})
+        assert torch.equal(client.call("fetch", {"id": 2, "seq": 1})["tensor"], torch.arange(4.0) * 2)
+        with pytest.raises(wire.RemoteError, match="missing_tensor"):
+            client.call("fetch", {"id": 1, "seq": 1})
+        assert client.call("memory_stats", {})["allocated"] == 16
+        client.send("run_ops", {"ops": [], "free": "all"})
+        with pytest.raises(wire.RemoteError, match="bad run_ops message: field .free. must be list"):
+            client.call("sync", {"seq": 1})
+    finally:
+        client.close()
 
 
 def test_out_of_memory_is_the_cuda_error_and_leaves_the_device_intact(dev):
