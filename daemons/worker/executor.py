@@ -92,9 +92,11 @@ class MemoryMeter:
             return
         entry = self._storages.get(key)
         if entry is None:
-            self._storages[key] = [storage.nbytes(), 1]
-            self.allocated += storage.nbytes()
-            self.peak = max(self.peak, self.allocated)
+            nbytes = storage.nbytes()
+            self._storages[key] = [nbytes, 1]
+            self.allocated += nbytes
+            if self.allocated > self.peak:
+                self.peak = self.allocated
         else:
             entry[1] += 1
 
@@ -199,6 +201,23 @@ class Executor:
             return x.to(self.device)
         return x
 
+    def _resolve_args(self, args):
+        """``_resolve`` of a record's argument list, its frequent entries handled inline."""
+        if type(args) is not list:
+            return self._resolve(args)
+        tensors = self.tensors
+        resolved = []
+        for x in args:
+            kind = type(x)
+            if kind is wire.RemoteRef:
+                t = tensors.get(x.id)
+                resolved.append(self._resolve(x) if t is None else t)  # _resolve names the missing id
+            elif kind in _PLAIN_ARGUMENTS:
+                resolved.append(x)
+            else:
+                resolved.append(self._resolve(x))
+        return resolved
+
     def _bind_outputs(self, spec, result):
         if spec is None:
             return
@@ -230,7 +249,8 @@ class Executor:
             torch.set_rng_state(self._resolve(args[0]).cpu())
             return
         op = self._op(name)
-        args, kwargs = self._resolve(args), self._resolve(kwargs or {})
+        args = self._resolve_args(args)
+        kwargs = self._resolve(kwargs) if kwargs else {}
         if name in _EMPTY_OPS and not self.on_gpu:
             self._check_cap(name, seq, _allocation_bytes(name, args, kwargs))
         try:
@@ -242,7 +262,10 @@ class Executor:
                 raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: {e}") from None
             raise OpError("op_failed", f"{name} (op #{seq}) failed: {type(e).__name__}: {e}") from None
         before = self.meter.allocated
-        self._bind_outputs(out, result)
+        if type(out) is int and isinstance(result, torch.Tensor):  # most ops: one fresh tensor
+            self._store(out, result)
+        else:
+            self._bind_outputs(out, result)
         if not self.on_gpu and self.meter.allocated > self.spec.memory_cap:
             grown = self.meter.allocated - before
             self._bind_release(out)
