@@ -20,10 +20,14 @@ import torch
 
 from daemons.wire import RemoteRef
 from offload import session as sessions
+from offload.device import DEVICE
 from offload.tensor import RemoteTensor
 
 aten = torch.ops.aten
 META = torch.device("meta")
+# Records name the virtual device as the program sees it: a worker parses "cuda:0" on any torch
+# build and takes any device in a record for its own, so it needs no name for this one.
+RECORD_DEVICE = torch.device("cuda", 0)
 # The C functions themselves: device_mapping wraps torch.empty / torch.empty_strided to map
 # ``device="cuda"``, a Python call per op that meta allocations here never need.
 _empty = torch._C._VariableFunctions.empty
@@ -135,7 +139,7 @@ class Dispatcher:
         meta = func(*args, **meta_kwargs)
         session = sessions.current()
         tid = session.new_id()
-        session.enqueue(self.op_name(func), list(args), kwargs, tid)
+        session.enqueue(self.op_name(func), wire_form(list(args), []), wire_form(kwargs, []), tid)
         return RemoteTensor(meta, tid)
 
 
@@ -164,6 +168,8 @@ def wire_form(x, inputs: list):
         return wires if kind is list else tuple(wires)
     if kind is dict:
         return {k: wire_form(v, inputs) for k, v in x.items()}
+    if kind is torch.device and x.type == DEVICE.type:
+        return RECORD_DEVICE
     return x
 
 

@@ -29,12 +29,6 @@ from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
 
-# Fronts name their virtual device "moai" (offload/device.py) in op arguments (``device=``); the
-# name must parse when a record is decoded here, where any device then means this worker's own.
-FRONT_DEVICE_TYPE = "moai"
-if torch._C._get_privateuse1_backend_name() != FRONT_DEVICE_TYPE:
-    torch.utils.rename_privateuse1_backend(FRONT_DEVICE_TYPE)
-
 # Only operator libraries made of plain tensor math may be named by a front; anything else
 # (custom C++ ops, torch.ops.profiler ...) is refused rather than looked up.
 ALLOWED_NAMESPACES = ("aten", "prims")

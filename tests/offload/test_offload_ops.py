@@ -1,12 +1,14 @@
 """Tensor ops on the virtual device, run by a real worker, against the same ops on plain CPU torch."""
 import gc
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from daemons import wire
 from offload import session
-from worker_fixture import SECRET
+from worker_fixture import REPO_ROOT, SECRET, clean_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -159,6 +161,17 @@ def test_ids_freed_with_a_batch_are_released_after_its_ops(worker):
             client.call("sync", {"seq": 1})
     finally:
         client.close()
+
+
+def test_a_worker_process_leaves_torch_accelerator_to_the_machine(tmp_path):
+    """Records name the device as cuda:0, so the worker claims no device type: torch code asking
+    for the accelerator there (optimizers, torch.distributed) finds the machine's own."""
+    program = ("import torch, daemons.worker.executor; "
+               "print(torch.accelerator.is_available() == torch.cuda.is_available())")
+    env = {**clean_env(tmp_path), "MOAI_OFFLOAD": "0"}  # a worker, not a front: no hook
+    out = subprocess.run([sys.executable, "-c", program], env=env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "True\n", out.stderr
 
 
 def test_out_of_memory_is_the_cuda_error_and_leaves_the_device_intact(dev):
