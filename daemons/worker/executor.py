@@ -15,7 +15,8 @@ Where SPMD plugs in (daemons/worker/spmd.py, owned with automatic parallelism): 
 ``world_size > 1`` main.py builds ``SpmdExecutor``, a subclass keeping this table, these handlers
 and the held-error rules, and overriding only what touches tensor placement: ``put``, ``_op``
 (the callable an op name resolves to), ``fetch``, ``memory_stats``, the memory meter and the
-``set_rng_state`` pseudo-op. Keep those seams stable. With ``world_size == 1`` nothing of spmd is imported and ops run locally.
+``set_rng_state`` pseudo-op. Keep those seams stable. With ``world_size == 1`` nothing of spmd
+is imported and ops run locally.
 """
 from __future__ import annotations
 
