@@ -182,7 +182,7 @@ class _Packer:
 
     def default(self, obj):
         if isinstance(obj, RemoteRef):  # first: op streams are mostly references
-            return msgpack.ExtType(EXT_REMOTE_REF, _INT_PACKER.pack(obj.id))
+            return packed_ref(obj.id)
         torch = _loaded_torch()
         if torch is not None:
             if isinstance(obj, torch.Tensor):

@@ -21,13 +21,10 @@ import torch
 from daemons.wire import RemoteRef
 from offload import session as sessions
 from offload.device import DEVICE
-from offload.tensor import RemoteTensor
+from offload.tensor import VISIBLE_DEVICE, RemoteTensor
 
 aten = torch.ops.aten
 META = torch.device("meta")
-# Records name the virtual device as the program sees it: a worker parses "cuda:0" on any torch
-# build and takes any device in a record for its own, so it needs no name for this one.
-RECORD_DEVICE = torch.device("cuda", 0)
 # The C functions themselves: device_mapping wraps torch.empty / torch.empty_strided to map
 # ``device="cuda"``, a Python call per op that meta allocations here never need.
 _empty = torch._C._VariableFunctions.empty
@@ -169,7 +166,9 @@ def wire_form(x, inputs: list):
     if kind is dict:
         return {k: wire_form(v, inputs) for k, v in x.items()}
     if kind is torch.device and x.type == DEVICE.type:
-        return RECORD_DEVICE
+        # Named as the program sees it: a worker parses "cuda:0" on any torch build and takes
+        # any device in a record for its own, so it needs no name for this one.
+        return VISIBLE_DEVICE
     return x
 
 
