@@ -93,7 +93,9 @@ def start(settings: config.Settings, *, foreground: bool = False,
     (tests); otherwise it daemonizes and the returned process is only its short-lived launcher."""
     conf = render(settings, layout)
     cmd = [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)] + (["-n"] if foreground else [])
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    # In the state dir, not where `up` was typed: every daemon and worker inherits this directory,
+    # and a checkout removed under a running stack left its workers unable to load torch.
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, cwd=settings.path("state_dir"))
     if not foreground and proc.wait(timeout=READY_TIMEOUT_S) != 0:
         raise StackError(f"supervisord failed to start; see {settings.path('state_dir') / 'logs' / 'supervisord.log'}")
     return proc

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,9 +172,26 @@ def test_sigterm_ends_every_daemon_cleanly(cluster, fronts):
         assert "stopped" in cluster.head.log(log).splitlines()[-1], program
 
 
-def embedded_cli(node, command: str) -> subprocess.CompletedProcess:
+def embedded_cli(node, command: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemons.embedded", command], env=node.env,
-                          capture_output=True, text=True, timeout=120)
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_the_embedded_stack_does_not_live_in_the_directory_it_was_started_from(tmp_path):
+    """A checkout removed under a running stack must not take its workers with it (they failed
+    to load torch from a deleted working directory)."""
+    [node] = cluster_nodes(tmp_path)
+    launched_from = tmp_path / "checkout"
+    launched_from.mkdir()
+    try:
+        assert embedded_cli(node, "up", cwd=launched_from).returncode == 0
+        supervisord = int(node.settings.path("state_dir").joinpath("supervisord.pid").read_text())
+        state_dir = node.settings.path("state_dir").resolve()
+        for pid in (supervisord, node.pid("master"), node.pid("agent")):
+            assert Path(f"/proc/{pid}/cwd").resolve() == state_dir
+    finally:
+        embedded.stop(node.settings)
+        embedded.terminate(processes_with(node.config_path), 10)
 
 
 def test_embedded_up_status_down_leave_nothing_behind_even_after_a_crash(tmp_path):
