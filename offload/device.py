@@ -22,10 +22,12 @@ import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
 BACKEND = "moai"
-# torch.device("moai") parses only once PrivateUse1 carries the name (renaming again to the same
-# name is allowed, so register() below may repeat it).
-torch.utils.rename_privateuse1_backend(BACKEND)
-DEVICE = torch.device(BACKEND, 0)
+# Named by its built-in type, not "moai": PrivateUse1 is renamed only when register() also gives
+# it its ``torch.moai`` module. Renamed without one, torch's accelerator checks raise ("Device
+# 'moai' does not have a corresponding module"), as CPU ``torch.optim`` does in a process that
+# imports this layer without activating it (a tool, a profiling script). A device object names
+# its type at each use, so this one reads ``moai:0`` once registered.
+DEVICE = torch.device("privateuseone", 0)
 
 _registered = False
 _library: torch.library.Library | None = None

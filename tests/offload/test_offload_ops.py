@@ -174,6 +174,22 @@ def test_a_worker_process_leaves_torch_accelerator_to_the_machine(tmp_path):
     assert out.returncode == 0 and out.stdout == "True\n", out.stderr
 
 
+def test_a_process_importing_the_layer_without_activating_it_keeps_stock_torch(tmp_path):
+    """Only activation names the device ``moai`` (with its ``torch.moai`` module): a tool or a
+    script importing the layer's modules without activating it still trains on the CPU."""
+    program = ("import torch, offload.dispatch\n"
+               "p = torch.nn.Parameter(torch.ones(3)); opt = torch.optim.AdamW([p])\n"
+               "p.sum().backward(); opt.step()\n"
+               "print(torch.accelerator.is_available(), offload.dispatch.DEVICE.type)\n"
+               "from offload import activation; activation.activate()\n"
+               "print(offload.dispatch.DEVICE)")
+    env = {**clean_env(tmp_path), "MOAI_OFFLOAD": "0"}  # no hook: activation is the program's
+    out = subprocess.run([sys.executable, "-c", program], env=env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "False privateuseone\nmoai:0\n"
+
+
 def test_out_of_memory_is_the_cuda_error_and_leaves_the_device_intact(dev):
     keep = torch.randn(100).to(dev)
     expected = keep.cpu()
