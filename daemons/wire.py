@@ -6,10 +6,13 @@ this module; nothing else in the tree packs or unpacks a message.
 Wire layout of one message, frame by frame (a ROUTER socket sees the peer identity first):
 
     frame 0   MAGIC + request id    b"MOAI" + protocol version byte + 8-byte big-endian id; the
-                                    id sits outside the header so that even a reply refusing an
-                                    undecodable header reaches the request that caused it
-    frame 1   header                msgpack map {"type": str, "token": str|None, "body": any}
-    frame 2.. buffers               raw bytes of tensors / numpy arrays referenced from the body
+              + header              id sits before the header so that even a reply refusing an
+                                    undecodable header reaches the request that caused it; then
+                                    the header, a msgpack map {"type": str, "token": str|None,
+                                    "body": any}. One frame, not two: each frame is a zmq message
+                                    of its own, about 5 us a frame each way on loopback, a tenth
+                                    of a small request's round trip (docs/PERFORMANCE.md)
+    frame 1.. buffers               raw bytes of tensors / numpy arrays referenced from the body
 
 Inside ``body`` a tensor or array is a msgpack ext value (``EXT_TENSOR`` / ``EXT_NDARRAY``) whose
 payload is ``[dtype, shape, frame_index]``: the bytes travel as their own frame, sent with
@@ -42,7 +45,7 @@ import zmq
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"MOAI" + bytes([PROTOCOL_VERSION])
 
 # Control messages are small; a header over this is refused with an error reply.
@@ -178,7 +181,7 @@ class _Packer:
 
     def _buffer(self, data) -> int:
         self.buffers.append(data)
-        return len(self.buffers) + 1  # frame index: after magic and header
+        return len(self.buffers)  # frame index: after the header's frame
 
     def default(self, obj):
         if isinstance(obj, RemoteRef):  # first: op streams are mostly references
@@ -226,7 +229,7 @@ class _Unpacker:
         self.frames = frames
 
     def _frame(self, idx) -> memoryview:
-        if not isinstance(idx, int) or not 2 <= idx < len(self.frames):
+        if not isinstance(idx, int) or not 1 <= idx < len(self.frames):
             raise ProtocolError(f"buffer reference {idx!r} points at no frame")
         f = self.frames[idx]
         return f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
@@ -302,13 +305,21 @@ def encode(msg_type: str, body: Any = None, *, msg_id: int = 0, token: str | Non
     """Frames for one message (without routing identity)."""
     packer = _Packer()
     header = packer.pack({"type": msg_type, "token": token, "body": body})
-    return [MAGIC + msg_id.to_bytes(8, "big"), header, *packer.buffers]
+    return [MAGIC + msg_id.to_bytes(8, "big") + header, *packer.buffers]
+
+
+_PREFIX = len(MAGIC) + 8  # magic and request id, before the header in frame 0
+
+
+def _first_frame(frames: list) -> memoryview:
+    f = frames[0]
+    return f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
 
 
 def peek_id(frames: list) -> int:
     """The request id of a message whose header may be undecodable (0 when even that is missing)."""
-    first = frames[0].bytes if isinstance(frames[0], zmq.Frame) else bytes(frames[0]) if frames else b""
-    return int.from_bytes(first[len(MAGIC):], "big") if len(first) == len(MAGIC) + 8 else 0
+    first = _first_frame(frames) if frames else memoryview(b"")
+    return int.from_bytes(first[len(MAGIC):_PREFIX], "big") if len(first) >= _PREFIX else 0
 
 
 @dataclass
@@ -321,21 +332,21 @@ class Message:
 
 def decode(frames: list) -> Message:
     """Decode frames produced by :func:`encode`; raises ProtocolError on anything malformed."""
-    if len(frames) < 2:
-        raise ProtocolError("message has fewer than 2 frames")
-    first = frames[0].bytes if isinstance(frames[0], zmq.Frame) else bytes(frames[0])
-    if first[:4] != MAGIC[:4] or len(first) != len(MAGIC) + 8:
-        raise ProtocolError("not a MOAI message (bad magic frame)")
+    if not frames:
+        raise ProtocolError("message has no frames")
+    first = _first_frame(frames)
+    if first[:4] != MAGIC[:4] or len(first) < _PREFIX:
+        raise ProtocolError("not a MOAI message (bad magic)")
     if first[:len(MAGIC)] != MAGIC:
         raise ProtocolError(f"protocol version {first[4]} is not supported (this side speaks {PROTOCOL_VERSION})")
-    msg_id = int.from_bytes(first[len(MAGIC):], "big")
-    header_frame = frames[1]
-    header_len = len(header_frame.buffer if isinstance(header_frame, zmq.Frame) else header_frame)
+    msg_id = int.from_bytes(first[len(MAGIC):_PREFIX], "big")
+    header_len = len(first) - _PREFIX
     if header_len > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-    raw = header_frame.bytes if isinstance(header_frame, zmq.Frame) else bytes(header_frame)
+    if header_len == 0:
+        raise ProtocolError("message has no header")
     try:
-        header = _Unpacker(frames).unpack(raw)
+        header = _Unpacker(frames).unpack(first[_PREFIX:])
     except ProtocolError:
         raise
     except Exception as e:
