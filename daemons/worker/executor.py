@@ -25,7 +25,7 @@ import logging
 import torch
 
 from daemons import wire
-from daemons.worker import fused_attention, fused_linear
+from daemons.worker import fused_attention, fused_linear, host_memory
 from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
@@ -117,6 +117,7 @@ class Executor:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_cap / total), self.device)
         else:
             torch.set_num_threads(max(1, spec.threads))
+            host_memory.keep_freed_memory()
         self.device_name = str(self.device)
         self.tensors: dict[int, torch.Tensor] = {}
         self.meter = MemoryMeter()

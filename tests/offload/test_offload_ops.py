@@ -190,6 +190,37 @@ def test_a_process_importing_the_layer_without_activating_it_keeps_stock_torch(t
     assert out.stdout == "False privateuseone\nmoai:0\n"
 
 
+def page_faults(pid: int) -> int:
+    """Minor page faults of a process so far (``minflt`` in /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def test_a_cpu_worker_reuses_freed_host_memory_as_a_gpu_caching_allocator_does(worker):
+    """Results made, freed and made again come from memory the worker kept: their pages are not
+    faulted in again (what fresh host memory costs, and a GPU's caching allocator never pays)."""
+    client = wire.Client(worker.address, SECRET, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
+    try:
+        client.call("hello")
+        client.send("put", {"id": 1, "tensor": torch.ones(1 << 18)})  # 1 MiB
+
+        def make_and_free(ids) -> int:
+            before = page_faults(worker.proc.pid)
+            client.send("run_ops", {"ops": [[n, "aten::mul.Tensor", [wire.RemoteRef(1), wire.RemoteRef(1)], {}, tid]
+                                            for n, tid in enumerate(ids, 1)]})
+            client.call("sync", {"seq": len(ids)})
+            client.send("free", {"ids": list(ids)})
+            client.call("sync", {"seq": len(ids)})
+            return page_faults(worker.proc.pid) - before
+
+        first = make_and_free(range(100, 140))  # 40 results of 1 MiB: 10,240 fresh pages
+        again = make_and_free(range(200, 240))
+    finally:
+        client.close()
+    assert first > 5000
+    assert again < first / 2, (first, again)  # without keeping them: as many as the first time
+
+
 def test_out_of_memory_is_the_cuda_error_and_leaves_the_device_intact(dev):
     keep = torch.randn(100).to(dev)
     expected = keep.cpu()
