@@ -118,7 +118,9 @@ def packed_ref(tid: int) -> msgpack.ExtType:
     """``RemoteRef(tid)`` already in the form the packer writes, which msgpack packs without a
     ``default`` call: a sender naming one tensor in many records (the front's op stream) makes it
     once per tensor. It decodes as ``RemoteRef(tid)``."""
-    return msgpack.ExtType(EXT_REMOTE_REF, _INT_PACKER.pack(tid))
+    # tuple.__new__: ExtType's own __new__ re-checks in Python the two types known here, which
+    # took a third of this function's time (the front makes one ref per tensor it creates).
+    return tuple.__new__(msgpack.ExtType, (EXT_REMOTE_REF, _INT_PACKER.pack(tid)))
 
 
 # ----------------------------------------------------------------------------------------------

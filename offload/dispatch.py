@@ -77,26 +77,25 @@ class Dispatcher:
 
     def run(self, func, args, kwargs, info: OpInfo | None = None):
         info = info or self.info(func)
-        inputs: list = []
-        wire_args = wire_form(args, inputs)
-        wire_kwargs = wire_form(kwargs, inputs) if kwargs else kwargs
-        key = SHAPES.key(info, args, kwargs, inputs)
+        wire_args, wire_kwargs, inputs, key = op_arguments(info, args, kwargs)
         template = SHAPES.get(key)
         if template is not None:
-            meta_out = rebuild(template, [t._meta for t in inputs])
-        else:
-            try:
-                meta_out = func(*meta_form(args), **meta_form(kwargs))
-            except NotImplementedError:
-                return self.run_data_dependent(func, wire_args, wire_kwargs)
-            except torch._subclasses.fake_tensor.DataDependentOutputException:
-                return self.run_data_dependent(func, wire_args, wire_kwargs)
-            if func._schema.is_mutable:
-                for t in inputs:  # resize_, set_, t_ ... may have changed what _desc says
-                    t._desc = None
-            elif not isinstance(meta_out, torch.Tensor) and not _has_tensor(meta_out):
-                return meta_out  # metadata queries (is_same_size ...) need no worker
-            SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
+            session = sessions.current()
+            out, out_spec = from_template(template, inputs, session)
+            session.enqueue(info.name, wire_args, wire_kwargs, out_spec)
+            return out
+        try:
+            meta_out = func(*meta_form(args), **meta_form(kwargs))
+        except NotImplementedError:
+            return self.run_data_dependent(func, wire_args, wire_kwargs)
+        except torch._subclasses.fake_tensor.DataDependentOutputException:
+            return self.run_data_dependent(func, wire_args, wire_kwargs)
+        if func._schema.is_mutable:
+            for t in inputs:  # resize_, set_, t_ ... may have changed what _desc says
+                t._desc = None
+        elif not isinstance(meta_out, torch.Tensor) and not _has_tensor(meta_out):
+            return meta_out  # metadata queries (is_same_size ...) need no worker
+        SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
         session = sessions.current()
         by_meta = {id(t._meta): t for t in inputs}
         out, out_spec = self.wrap(func, meta_out, by_meta, session)
@@ -227,26 +226,6 @@ class ShapeCache:
         self.entries: dict = {}
         self.hits = self.misses = 0
 
-    def key(self, info: OpInfo, args, kwargs, inputs):
-        """The op's key, or None for one the cache must not answer (other tensors, generators,
-        complex or negative-bit inputs)."""
-        try:
-            described = []
-            objects: dict = {}
-            storages: dict = {}
-            for i, t in enumerate(inputs):
-                d = t._desc
-                if d is None:
-                    d = t._desc = _describe(t._meta)
-                described.append((d[0], objects.setdefault(id(t), i), storages.setdefault(d[1], i)))
-            positions, names = info.scalar_positions, info.scalar_names
-            return (info.id, torch.get_default_dtype(),
-                    tuple(_scalar_key(a) if i in positions else _arg_key(a) for i, a in enumerate(args)),
-                    tuple((k, _scalar_key(v) if k in names else _arg_key(v)) for k, v in kwargs.items()),
-                    tuple(described))
-        except _Uncacheable:
-            return None
-
     def get(self, key):
         if key is None:
             return None
@@ -259,7 +238,7 @@ class ShapeCache:
 
     def learn(self, key, info: OpInfo, args, kwargs, inputs, meta_out):
         # An op that changed an input's metadata (resize_, squeeze_ ...) is not a function of the key.
-        if key is None or self.key(info, args, kwargs, inputs) != key:
+        if key is None or op_arguments(info, args, kwargs)[3] != key:
             return
         metas = [t._meta for t in inputs]
         storages: dict = {}
@@ -272,6 +251,55 @@ class ShapeCache:
         if len(self.entries) >= self.MAX_ENTRIES:
             self.entries.clear()
         self.entries[key] = template
+
+
+def op_arguments(info: OpInfo, args, kwargs) -> tuple[list, dict, list, tuple | None]:
+    """One pass over an op's arguments: the record's args and kwargs, the RemoteTensors among them
+    in order (the op's inputs), and the op's shape-cache key, None for an op the cache must not
+    answer (other tensors, generators, complex or negative-bit inputs).
+
+    The key is the op, the default dtype, each argument's key (``_arg_key``; a Scalar's type
+    only, ``_scalar_key``), and each input's metadata with the first input it is or shares
+    storage with. Tensors and plain numbers, most of any op's arguments, are handled inline."""
+    inputs: list = []
+    wire_args = []
+    arg_keys = []
+    positions = info.scalar_positions
+    cacheable = True
+    for i, a in enumerate(args):
+        kind = type(a)
+        if kind is RemoteTensor:
+            inputs.append(a)
+            wire_args.append(a._handle.ref)
+            arg_keys.append(_TENSOR)
+        elif kind is int or kind is float or kind is bool:
+            wire_args.append(a)
+            arg_keys.append(kind if i in positions else (kind, a))
+        else:
+            wire_args.append(wire_form(a, inputs))
+            if cacheable:
+                try:
+                    arg_keys.append(_scalar_key(a) if i in positions else _arg_key(a))
+                except _Uncacheable:
+                    cacheable = False
+    wire_kwargs = wire_form(kwargs, inputs) if kwargs else kwargs
+    if not cacheable:
+        return wire_args, wire_kwargs, inputs, None
+    try:
+        described = []
+        objects: dict = {}
+        storages: dict = {}
+        for i, t in enumerate(inputs):
+            d = t._desc
+            if d is None:
+                d = t._desc = _describe(t._meta)
+            described.append((d[0], objects.setdefault(id(t), i), storages.setdefault(d[1], i)))
+        names = info.scalar_names
+        kwarg_keys = tuple([(k, _scalar_key(v) if k in names else _arg_key(v)) for k, v in kwargs.items()])
+    except _Uncacheable:
+        return wire_args, wire_kwargs, inputs, None
+    return wire_args, wire_kwargs, inputs, (info.id, torch.get_default_dtype(), tuple(arg_keys), kwarg_keys,
+                                            tuple(described))
 
 
 def _describe(m: torch.Tensor) -> tuple:
@@ -343,22 +371,32 @@ def _template(out, metas: list, storages: dict):
     raise _Uncacheable
 
 
-def rebuild(template, metas: list):
-    """Meta outputs from a cached template, aliasing ``metas`` (the op's input metas) as it says."""
+def from_template(template, inputs: list, session):
+    """Wrappers and the record's ``out`` of a cached op, as ``Dispatcher.wrap`` makes them from
+    the meta kernel's results: a fresh output gets a new id and an empty meta, a view a meta
+    aliasing its input's (so later in-place ops through it still alias), an in-place result is
+    that very input. No op that changes an input's metadata is cached (``ShapeCache.learn``), so
+    an input comes back as it went in."""
     kind = template[0]
     if kind == _FRESH:
         _, shape, stride, offset, dtype = template
-        if offset:
-            return _meta_like(shape, stride, offset, dtype)
-        return _empty_strided(shape, stride, dtype=dtype, device=META)
+        meta = _meta_like(shape, stride, offset, dtype) if offset else \
+            _empty_strided(shape, stride, dtype=dtype, device=META)
+        tid = session.new_id()
+        return RemoteTensor.described(meta, shape, stride, offset, dtype, tid), tid
     if kind == _SELF:
-        return metas[template[1]]
+        same = inputs[template[1]]
+        return same, same._handle.id
     if kind == _VIEW:
         _, k, shape, stride, offset = template
-        return metas[k].as_strided(shape, stride, offset)
+        meta = inputs[k]._meta
+        tid = session.new_id()
+        return RemoteTensor.described(meta.as_strided(shape, stride, offset), shape, stride, offset,
+                                      meta.dtype, tid), tid
     if kind == _SEQ:
-        return template[1](rebuild(t, metas) for t in template[2])
-    return template[1]
+        pairs = [from_template(t, inputs, session) for t in template[2]]
+        return template[1](p[0] for p in pairs), [p[1] for p in pairs]
+    return template[1], None
 
 
 SHAPES = ShapeCache()

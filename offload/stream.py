@@ -85,7 +85,8 @@ class Stream:
     def new_id(self) -> int:
         return next(self._ids)  # atomic under the GIL: no lock on the per-op path
 
-    def enqueue(self, op: str, args, kwargs, out):
+    def enqueue(self, op: str, args: list, kwargs, out):
+        """Append one op record; ``args`` becomes the record's list (the caller's, not copied)."""
         with self._lock:
             # Checked before appending: the newest record stays, so that an upload right after
             # its allocation can still withdraw it (drop_fresh_allocation).
@@ -95,7 +96,7 @@ class Stream:
             if not self._batch:
                 self._batch_started = time.perf_counter()
             self.seq += 1
-            self._batch.append([self.seq, op, list(args), kwargs, out])
+            self._batch.append([self.seq, op, args, kwargs, out])
 
     def release_id(self, tid: int):
         self._freed.append(tid)

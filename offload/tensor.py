@@ -18,6 +18,7 @@ from offload.device import DEVICE
 
 VISIBLE_DEVICE = torch.device("cuda", 0)
 _TENSOR_DATA = torch._C.TensorBase.data  # the C ``Tensor.data`` descriptor
+_make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 _SUFFIX_SEPARATOR = re.compile(r", (?=[a-z_]+=)")  # between torch's repr suffixes: ", dtype=..."
 
 
@@ -46,11 +47,21 @@ class RemoteTensor(torch.Tensor):
     def __new__(cls, meta: torch.Tensor, tid: int | Handle, requires_grad: bool = False):
         """A wrapper of remote tensor ``tid``, or a second wrapper of one through its ``Handle``
         (``detach``: the remote tensor is freed with the last of them)."""
-        t = torch.Tensor._make_wrapper_subclass(
-            cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
-            dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
+        t = _make_wrapper_subclass(cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
+                                   dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
         t._meta = meta
         t._handle = tid if type(tid) is Handle else Handle(tid)
+        return t
+
+    @classmethod
+    def described(cls, meta: torch.Tensor, shape: tuple, stride: tuple, offset: int, dtype: torch.dtype,
+                  tid: int) -> RemoteTensor:
+        """``RemoteTensor(meta, tid)`` for a ``meta`` whose metadata the caller already holds (the
+        shape cache's), given rather than read back from it: the per-op path makes one for
+        nearly every op."""
+        t = _make_wrapper_subclass(cls, shape, strides=stride, storage_offset=offset, dtype=dtype, device=DEVICE)
+        t._meta = meta
+        t._handle = Handle(tid)
         return t
 
     @property
