@@ -588,6 +588,8 @@ class Client:
                 try:
                     reply = decode(frames)
                 except ProtocolError as e:
+                    if peek_id(frames) == msg_id:  # the id sits where every version has it
+                        raise ProtocolError(f"undecodable reply from {self.address}: {e}") from None
                     log.warning("undecodable reply from %s: %s", self.address, e)
                     continue
                 if reply.id in self._abandoned:  # a late answer to a call that already timed out

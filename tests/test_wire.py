@@ -166,6 +166,29 @@ def test_garbage_gets_an_error_reply_and_server_keeps_serving(server):
     good.close()
 
 
+def test_a_peer_of_another_protocol_version_is_named_at_once_not_waited_for():
+    """A daemon left on an older release refuses a newer client's request in its own framing:
+    the client reads the request id where every version keeps it and says what happened, instead
+    of timing out on a reply it cannot decode."""
+    ctx = zmq.Context.instance()
+    old = ctx.socket(zmq.ROUTER)
+    port = old.bind_to_random_port("tcp://127.0.0.1")
+    client = wire.Client(f"tcp://127.0.0.1:{port}", timeout_s=10)
+    try:
+        msg_id = client.send("hello")
+        peer, request = old.recv_multipart()
+        assert wire.peek_id([request]) == msg_id
+        old.send_multipart([peer, b"MOAI\x01" + msg_id.to_bytes(8, "big"),
+                            msgpack.packb({"type": "error", "body": {"code": "malformed"}})])
+        started = time.monotonic()
+        with pytest.raises(wire.ProtocolError, match="protocol version 1 is not supported"):
+            client.wait(msg_id)
+        assert time.monotonic() - started < 2
+    finally:
+        client.close()
+        old.close(0)
+
+
 def test_oversized_header_is_refused(server):
     c = wire.Client(server.address, timeout_s=5)
     with pytest.raises(wire.RemoteError, match="exceeds"):
