@@ -215,7 +215,8 @@ def llama_steps(dev: str, size: ModelSize, seed: int):
 
 
 def bench_llama(args, size: ModelSize) -> dict:
-    """Warm-up steps on both sides, then the timed steps in alternating rounds."""
+    """Warm-up steps on both sides, then the timed steps one by one alternately, an offloaded step
+    then a native one: a slow spell of a shared machine (seconds long on a VM) hits both sides."""
     offloaded, native = llama_steps("cuda", size, args.seed), llama_steps("cpu", size, args.seed)
     for _ in range(args.warmup):
         offloaded(), native()
@@ -224,13 +225,11 @@ def bench_llama(args, size: ModelSize) -> dict:
     stream = session.current().stream
     seq = stream.seq
     off_times, traced, native_times = [], [], []
-    per_round = max(1, args.steps // args.rounds)
-    for _ in range(args.rounds):
-        for _ in range(per_round):
-            total, t = offloaded()
-            off_times.append(total)
-            traced.append(t)
-        native_times.extend(native()[0] for _ in range(per_round))
+    for _ in range(args.steps):
+        total, t = offloaded()
+        off_times.append(total)
+        traced.append(t)
+        native_times.append(native()[0])
     return {"offloaded": statistics.median(off_times), "native": statistics.median(native_times),
             "traced": statistics.median(traced), "steps": len(off_times),
             "hits": shapes.hits - hits, "misses": shapes.misses - misses,
