@@ -30,6 +30,7 @@ from daemons import wire
 BATCH_RECORDS = 256
 BATCH_AGE_S = 0.002
 WAIT_SLICE_S = 0.2                  # liveness is checked this often while waiting on a worker
+REPLY_SPIN_S = 300e-6               # a wait polls this long before sleeping (wire.Client spin_s)
 HELLO_TIMEOUT_S = 60.0
 EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
 
@@ -64,8 +65,8 @@ class Stream:
         self._freed: list[int] = []
         self._lock = threading.RLock()
         self._closed = False
-        self.clients = [wire.Client(a, secret, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
-                        for a in addresses]
+        self.clients = [wire.Client(a, secret, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES,
+                                    spin_s=REPLY_SPIN_S) for a in addresses]
         self._monitors = []
         for c in self.clients:
             c.sock.setsockopt(zmq.SNDTIMEO, int(WAIT_SLICE_S * 1000))

@@ -117,7 +117,11 @@ def server():
     def refuse(msg):
         raise wire.RequestError("nope", "refused politely")
 
-    srv = wire.Server("tcp://127.0.0.1:0", {"echo": echo, "boom": boom, "refuse": refuse,
+    def slow(msg):
+        time.sleep(msg.body)
+        return {"slept": msg.body}
+
+    srv = wire.Server("tcp://127.0.0.1:0", {"echo": echo, "boom": boom, "refuse": refuse, "slow": slow,
                                             "quiet": lambda m: wire.NO_REPLY}, name="test")
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -141,6 +145,22 @@ def test_request_reply_and_structured_errors(server):
         c.call("quiet", timeout_s=0.2)
     assert c.call("echo", 1) == {"echo": 1}  # the client is still usable after a timeout
     c.close()
+
+
+def test_a_spinning_client_polls_only_briefly_then_sleeps_for_its_reply(server):
+    """A data-plane client polls for a reply before sleeping (spin_s): a quick reply is read by
+    the poll, a slow one by the sleeping receive, and the wait costs no more CPU than the poll."""
+    c = wire.Client(server.address, timeout_s=5, spin_s=0.001)
+    try:
+        assert c.call("echo", 1) == {"echo": 1}
+        cpu = time.process_time()
+        assert c.call("slow", 0.5) == {"slept": 0.5}
+        assert time.process_time() - cpu < 0.1
+        with pytest.raises(wire.TransportTimeout):
+            c.call("quiet", timeout_s=0.2)
+        assert c.call("echo", 2) == {"echo": 2}
+    finally:
+        c.close()
 
 
 def test_garbage_gets_an_error_reply_and_server_keeps_serving(server):
