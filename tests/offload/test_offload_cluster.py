@@ -64,7 +64,8 @@ def test_a_second_front_waits_in_the_queue_and_says_so_once(cluster):
     assert second.returncode == 0, err[-3000:]
     assert len(losses(out)) == 2
     assert err.count("is queued") == 1, err
-    assert [j["state"] for j in jobs(cluster)[-2:]] == ["finished", "finished"]
+    ended = jobs(cluster)[-2:]
+    assert [j["state"] for j in ended] == ["finished", "finished"], [(j["state"], j["message"]) for j in ended]
 
 
 def test_worker_killed_mid_training_fails_the_front_with_the_cause(cluster):
