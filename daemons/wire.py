@@ -233,8 +233,7 @@ class _Unpacker:
     def _frame(self, idx) -> memoryview:
         if not isinstance(idx, int) or not 1 <= idx < len(self.frames):
             raise ProtocolError(f"buffer reference {idx!r} points at no frame")
-        f = self.frames[idx]
-        return f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
+        return _view(self.frames[idx])
 
     def ext_hook(self, code, data):
         if code == EXT_REMOTE_REF and len(data) == 1 and data[0] < 0x80:
@@ -313,14 +312,14 @@ def encode(msg_type: str, body: Any = None, *, msg_id: int = 0, token: str | Non
 _PREFIX = len(MAGIC) + 8  # magic and request id, before the header in frame 0
 
 
-def _first_frame(frames: list) -> memoryview:
-    f = frames[0]
-    return f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
+def _view(frame) -> memoryview:
+    """A received frame's bytes without a copy (a zmq.Frame, or bytes when not from a socket)."""
+    return frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
 
 
 def peek_id(frames: list) -> int:
     """The request id of a message whose header may be undecodable (0 when even that is missing)."""
-    first = _first_frame(frames) if frames else memoryview(b"")
+    first = _view(frames[0]) if frames else memoryview(b"")
     return int.from_bytes(first[len(MAGIC):_PREFIX], "big") if len(first) >= _PREFIX else 0
 
 
@@ -336,7 +335,7 @@ def decode(frames: list) -> Message:
     """Decode frames produced by :func:`encode`; raises ProtocolError on anything malformed."""
     if not frames:
         raise ProtocolError("message has no frames")
-    first = _first_frame(frames)
+    first = _view(frames[0])
     if first[:4] != MAGIC[:4] or len(first) < _PREFIX:
         raise ProtocolError("not a MOAI message (bad magic)")
     if first[:len(MAGIC)] != MAGIC:

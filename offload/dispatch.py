@@ -82,23 +82,22 @@ class Dispatcher:
         if template is not None:
             session = sessions.current()
             out, out_spec = from_template(template, inputs, session)
-            session.enqueue(info.name, wire_args, wire_kwargs, out_spec)
-            return out
-        try:
-            meta_out = func(*meta_form(args), **meta_form(kwargs))
-        except NotImplementedError:
-            return self.run_data_dependent(func, wire_args, wire_kwargs)
-        except torch._subclasses.fake_tensor.DataDependentOutputException:
-            return self.run_data_dependent(func, wire_args, wire_kwargs)
-        if func._schema.is_mutable:
-            for t in inputs:  # resize_, set_, t_ ... may have changed what _desc says
-                t._desc = None
-        elif not isinstance(meta_out, torch.Tensor) and not _has_tensor(meta_out):
-            return meta_out  # metadata queries (is_same_size ...) need no worker
-        SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
-        session = sessions.current()
-        by_meta = {id(t._meta): t for t in inputs}
-        out, out_spec = self.wrap(func, meta_out, by_meta, session)
+        else:
+            try:
+                meta_out = func(*meta_form(args), **meta_form(kwargs))
+            except NotImplementedError:
+                return self.run_data_dependent(func, wire_args, wire_kwargs)
+            except torch._subclasses.fake_tensor.DataDependentOutputException:
+                return self.run_data_dependent(func, wire_args, wire_kwargs)
+            if func._schema.is_mutable:
+                for t in inputs:  # resize_, set_, t_ ... may have changed what _desc says
+                    t._desc = None
+            elif not isinstance(meta_out, torch.Tensor) and not _has_tensor(meta_out):
+                return meta_out  # metadata queries (is_same_size ...) need no worker
+            SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
+            session = sessions.current()
+            by_meta = {id(t._meta): t for t in inputs}
+            out, out_spec = self.wrap(func, meta_out, by_meta, session)
         session.enqueue(info.name, wire_args, wire_kwargs, out_spec)
         return out
 

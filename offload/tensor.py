@@ -47,11 +47,8 @@ class RemoteTensor(torch.Tensor):
     def __new__(cls, meta: torch.Tensor, tid: int | Handle, requires_grad: bool = False):
         """A wrapper of remote tensor ``tid``, or a second wrapper of one through its ``Handle``
         (``detach``: the remote tensor is freed with the last of them)."""
-        t = _make_wrapper_subclass(cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
-                                   dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
-        t._meta = meta
-        t._handle = tid if type(tid) is Handle else Handle(tid)
-        return t
+        return cls._wrap(meta, meta.shape, meta.stride(), meta.storage_offset(), meta.dtype,
+                         tid if type(tid) is Handle else Handle(tid), requires_grad)
 
     @classmethod
     def described(cls, meta: torch.Tensor, shape: tuple, stride: tuple, offset: int, dtype: torch.dtype,
@@ -59,9 +56,15 @@ class RemoteTensor(torch.Tensor):
         """``RemoteTensor(meta, tid)`` for a ``meta`` whose metadata the caller already holds (the
         shape cache's), given rather than read back from it: the per-op path makes one for
         nearly every op."""
-        t = _make_wrapper_subclass(cls, shape, strides=stride, storage_offset=offset, dtype=dtype, device=DEVICE)
+        return cls._wrap(meta, shape, stride, offset, dtype, Handle(tid))
+
+    @classmethod
+    def _wrap(cls, meta: torch.Tensor, shape, stride, offset: int, dtype: torch.dtype, handle: Handle,
+              requires_grad: bool = False) -> RemoteTensor:
+        t = _make_wrapper_subclass(cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
+                                   device=DEVICE, requires_grad=requires_grad)
         t._meta = meta
-        t._handle = Handle(tid)
+        t._handle = handle
         return t
 
     @property
