@@ -16,6 +16,7 @@ device random op gives the same numbers as the same op on a native CPU tensor af
 """
 from __future__ import annotations
 
+import itertools
 import types
 
 import torch
@@ -28,6 +29,16 @@ BACKEND = "moai"
 # imports this layer without activating it (a tool, a profiling script). A device object names
 # its type at each use, so this one reads ``moai:0`` once registered.
 DEVICE = torch.device("privateuseone", 0)
+
+
+class _DeviceGuard(torch._C._acc.DeviceGuard):
+    """torch asks the device guard for its device type from ``noexcept`` C++ (``getStream``, each
+    time autograd records an op): a Python method there runs bytecode, a signal handler may raise
+    KeyboardInterrupt in it, and an exception there terminates the process. This answer is a C
+    callable, which runs none (offload/interrupt.py)."""
+
+    type_ = itertools.repeat(torch._C._autograd.DeviceType.PrivateUse1).__next__
+
 
 _registered = False
 _library: torch.library.Library | None = None
@@ -77,7 +88,8 @@ def register():
     global _registered, _library
     if _registered:
         return
-    _setup_privateuseone_for_python_backend(BACKEND, backend_module=_backend_module())
+    _setup_privateuseone_for_python_backend(BACKEND, backend_module=_backend_module(),
+                                            device_guard=_DeviceGuard())
     _library = torch.library.Library("aten", "IMPL")
     _library.impl("empty.memory_format", _empty, "PrivateUse1")
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")

@@ -19,6 +19,7 @@ import torch
 from daemons import config
 from daemons.wire import RemoteRef
 from daemons.worker.executor import GET_RNG_STATE_OP, SEED_OP, SET_RNG_STATE_OP
+from offload import interrupt
 from offload.job import Job
 from offload.stream import MemoryProbe, Stream
 
@@ -112,6 +113,7 @@ def current() -> Session:
             if _forked:
                 raise RuntimeError("Cannot re-initialize CUDA in forked subprocess. To use CUDA with "
                                    "multiprocessing, you must use the 'spawn' start method")
+            interrupt.install()
             _install(Session.from_master())
         return _session
 
@@ -119,6 +121,7 @@ def current() -> Session:
 def connect(addresses: list[str], secret: str) -> Session:
     """A session on workers started without a master (tests, benchmarks); replaces the current one."""
     close()
+    interrupt.install()
     with _lock:
         _install(Session(Stream(addresses, secret)))
         return _session
