@@ -67,9 +67,7 @@ class LocalJob:
                 log.close()
                 self.clients.append(wire.Client(spec.bind, self.secret, timeout_s=CALL_TIMEOUT_S,
                                                 max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES))
-            # A worker answers only once the whole process group has formed.
-            for client in self.clients:
-                client.call("hello", timeout_s=READY_TIMEOUT_S)
+            self._wait_ready()
         except BaseException:
             self.__exit__()
             raise
@@ -91,6 +89,25 @@ class LocalJob:
         for client in self.clients:
             client.close()
         self._dir.cleanup()
+
+    def _wait_ready(self):
+        """A worker answers only once the whole process group has formed. One that exits first
+        (a port taken, an import failing) fails the job at once, with its log, and a group that
+        never forms fails it with every worker's log: not a bare timeout."""
+        ids = [client.send("hello") for client in self.clients]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for rank, (client, msg_id) in enumerate(zip(self.clients, ids)):
+            while True:
+                try:
+                    client.wait(msg_id, 1.0, abandon=False)
+                    break
+                except wire.TransportTimeout:
+                    dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+                    if dead or time.monotonic() > deadline:
+                        ranks = dead or range(self.world_size)
+                        logs = "\n".join(f"--- worker {r} ---\n{self.log(r)[-2000:]}" for r in ranks)
+                        why = f"worker(s) {dead} exited" if dead else f"no hello within {READY_TIMEOUT_S:g} s"
+                        raise RuntimeError(f"the local job of {self.world_size} did not start: {why}\n{logs}")
 
     def log(self, rank: int) -> str:
         return (Path(self._dir.name) / f"worker-{rank}.log").read_text(errors="replace")

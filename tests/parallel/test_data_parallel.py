@@ -8,6 +8,7 @@ parameter must come out of the N workers the same, within float32 reduction-orde
 """
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -111,3 +112,21 @@ def test_dead_peer_is_an_error_not_a_hang():
         with pytest.raises(wire.RemoteError):
             job.replay(recorder.steps[first_op:])
         assert time.monotonic() - start < 5
+
+
+def test_a_worker_that_cannot_start_fails_the_job_at_once_with_its_log():
+    """A worker whose port is taken exits at startup: the job says so with that worker's log
+    within seconds, instead of waiting out the group's formation timeout."""
+    job = LocalJob(2)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", int(job.specs[1].bind.rsplit(":", 1)[1])))
+    taken.listen()
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError) as failure:
+            job.__enter__()
+    finally:
+        taken.close()
+    assert time.monotonic() - start < 60
+    assert "worker(s) [1] exited" in str(failure.value), failure.value
+    assert "Address already in use" in str(failure.value), failure.value
