@@ -96,7 +96,7 @@ class LocalJob:
         never forms fails it with every worker's log: not a bare timeout."""
         ids = [client.send("hello") for client in self.clients]
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for rank, (client, msg_id) in enumerate(zip(self.clients, ids)):
+        for client, msg_id in zip(self.clients, ids):
             while True:
                 try:
                     client.wait(msg_id, 1.0, abandon=False)
