@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,8 @@ import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemons import config, embedded, wire
+from daemons import config, embedded, loopback_ports, wire
+from daemons.loopback_ports import free_port  # noqa: F401  (the tests take their ports here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 90.0          # cold torch imports on a loaded 2-core CI machine are slow
@@ -32,34 +31,9 @@ TEST_TIMINGS = {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 3.0,
                 "agent_call_timeout_s": 5.0, "worker_start_timeout_s": 60.0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports_free(ports) -> bool:
-    socks = []
-    try:
-        for p in ports:
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", p))
-        return True
-    except OSError:
-        return False
-    finally:
-        for s in socks:
-            s.close()
-
-
 def free_port_block(slots: int) -> int:
     """A worker_port_base whose worker ports (base+i) and rendezvous ports (base+100+i) are free."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        if _ports_free([base + i for i in range(slots)] + [base + 100 + i for i in range(slots)]):
-            return base
-    raise RuntimeError("no free block of worker ports found")
+    return loopback_ports.free_port_block(slots, offsets=(0, 100))
 
 
 def toml_value(value) -> str:

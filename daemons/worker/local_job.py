@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from daemons import wire
+from daemons.loopback_ports import free_port
 from daemons.worker.spec import WorkerSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,22 +28,16 @@ CALL_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalJob:
     def __init__(self, world_size: int, *, memory_cap: int = 1 << 40, threads: int = 1,
                  collective_timeout_s: float = 60.0):
         self.world_size = world_size
         self.secret = secrets.token_hex(8)
         self._dir = tempfile.TemporaryDirectory(prefix="moai-job-")
-        rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+        rendezvous = f"tcp://127.0.0.1:{free_port()}"
         self.specs = [WorkerSpec(job_id=1, gpu=rank, rank=rank, world_size=world_size,
                                  job_secret=self.secret, rendezvous=rendezvous,
-                                 memory_cap=memory_cap, bind=f"tcp://127.0.0.1:{_free_port()}",
+                                 memory_cap=memory_cap, bind=f"tcp://127.0.0.1:{free_port()}",
                                  threads=threads, collective_timeout_s=collective_timeout_s)
                       for rank in range(world_size)]
         self.procs: list[subprocess.Popen] = []

@@ -1,0 +1,30 @@
+"""Ports for daemons started later (daemons/loopback_ports.py) come from below the kernel's
+ephemeral range, where no ``bind(0)`` listener or connection's local end can take them first."""
+import socket
+
+from daemons import loopback_ports
+
+
+def test_ports_are_free_and_below_the_ephemeral_range():
+    start = loopback_ports._ephemeral_start()
+    for _ in range(50):
+        port = loopback_ports.free_port()
+        assert loopback_ports.LOWEST <= port < start
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+        with socket.socket() as s:  # the kernel's own numbering stays in its range
+            s.bind(("127.0.0.1", 0))
+            assert s.getsockname()[1] >= start
+
+
+def test_a_block_skips_a_taken_port():
+    base = loopback_ports.free_port_block(4, offsets=(0, 100))
+    assert base + 104 < loopback_ports._ephemeral_start()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", base + 102))
+    try:
+        for _ in range(50):
+            other = loopback_ports.free_port_block(4, offsets=(0, 100))
+            assert not (other + 100 <= base + 102 < other + 104 or other <= base + 102 < other + 4)
+    finally:
+        taken.close()
