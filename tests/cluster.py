@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemons import config, embedded, loopback_ports, wire
-from daemons.loopback_ports import free_port  # noqa: F401  (the tests take their ports here)
+from daemons.loopback_ports import free_port
+from daemons.master.jobs import RENDEZVOUS_PORT_OFFSET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 90.0          # cold torch imports on a loaded 2-core CI machine are slow
@@ -33,7 +34,7 @@ TEST_TIMINGS = {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 3.0,
 
 def free_port_block(slots: int) -> int:
     """A worker_port_base whose worker ports (base+i) and rendezvous ports (base+100+i) are free."""
-    return loopback_ports.free_port_block(slots, offsets=(0, 100))
+    return loopback_ports.free_port_block(slots, offsets=(0, RENDEZVOUS_PORT_OFFSET))
 
 
 def toml_value(value) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from daemons import wire
-from tests.cluster import toml_value, free_port, wait_until
+from daemons.loopback_ports import free_port
+from tests.cluster import toml_value, wait_until
 
 CLUSTER_SECRET = "test-cluster-secret"
 HEARTBEAT_TIMEOUT_S = 2.0

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons.loopback_ports import free_port
 from daemons.worker.spec import WorkerSpec
-from tests.cluster import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FRONT_PROGRAM = Path(__file__).with_name("front_program.py")
