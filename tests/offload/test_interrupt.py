@@ -106,6 +106,8 @@ def step():
     loss.backward()
     opt.step()
     loss.item()
+step()  # AdamW fills a parameter's state on its first step: a Ctrl-C inside that leaves it half
+        # made, and every later step raises KeyError, natively too
 print("lost", rounds(60, step))
 print("after", (torch.ones(3, device=dev) * 2).sum().item())
 """
