@@ -44,6 +44,15 @@ def server_version() -> str:
         return "unknown"
 
 
+
+def new_token() -> str:
+    """A user token: 24 URL-safe characters, never starting with '-', which a command line
+    (``moreh-docker-run --token T``) would read as an option: 1 token in 64 did."""
+    while True:
+        token = secrets.token_urlsafe(18)
+        if not token.startswith("-"):
+            return token
+
 class Master:
     def __init__(self, settings: Settings, store: Store, agents: AgentLink, clock=time.time):
         self.settings = settings
@@ -331,7 +340,7 @@ class Master:
         user = field(body, "user", str)
         if not user.strip():
             raise wire.RequestError("bad_request", "the user name is empty")
-        token = secrets.token_urlsafe(18)
+        token = new_token()
         default = self._flavor(self.settings.default_flavor)
         now = self.clock()
         with self.store.tx():

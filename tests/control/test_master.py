@@ -37,6 +37,15 @@ def test_hello_names_version_and_protocol(master):
     assert reply["protocol"] == wire.PROTOCOL_VERSION and reply["server_version"]
 
 
+def test_no_token_starts_with_a_dash(master):
+    """A token is typed after ``--token`` on command lines, where a leading '-' reads as an
+    option (argparse: "expected one argument"). URL-safe tokens began with one 1 time in 64:
+    500 tokens had one with a probability of 1 - (63/64)**500, over 99.9%."""
+    tokens = [master.create_token(f"u{i}") for i in range(500)]
+    assert len(set(tokens)) == 500
+    assert [t for t in tokens if t.startswith("-")] == []
+
+
 def test_tokens_are_authenticated_and_isolated(master, make_node):
     make_node("n1", 2)
     assert error_of(master.client(None), "list_devices").code == "unauthorized"
