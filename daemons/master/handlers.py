@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 
 
-
-
 def _body(msg: wire.Message) -> dict:
     if msg.body is None:
         return {}
@@ -44,7 +42,6 @@ def server_version() -> str:
         return "unknown"
 
 
-
 def new_token() -> str:
     """A user token: 24 URL-safe characters, never starting with '-', which a command line
     (``moreh-docker-run --token T``) would read as an option: 1 token in 64 did."""
@@ -52,6 +49,7 @@ def new_token() -> str:
         token = secrets.token_urlsafe(18)
         if not token.startswith("-"):
             return token
+
 
 class Master:
     def __init__(self, settings: Settings, store: Store, agents: AgentLink, clock=time.time):
