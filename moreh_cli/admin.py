@@ -1,7 +1,11 @@
 """moai-admin: the operator's view of the cluster (needs the cluster secret).
 
     moai-admin token create USER   create a user token (printed) with one default device
+    moai-admin token list          every token: its user, devices, running jobs, revocation
+    moai-admin token revoke TOKEN  refuse the token from now on and end its jobs (usage is kept)
     moai-admin nodes               back nodes, liveness, free GPUs and GPU telemetry
+    moai-admin node drain NODE     place no new job on NODE (its running jobs go on)
+    moai-admin node undrain NODE   let NODE take jobs again
     moai-admin jobs                every job of every user
     moai-admin usage               GPU-seconds used per token
 """
@@ -24,12 +28,13 @@ def _when(ts) -> str:
 
 
 def nodes_table(nodes: list[dict]) -> Table:
-    table = Table("Node", "Alive", "GPUs", "Free", "Last heartbeat", "Util %", "Temp C", "Agent")
+    table = Table("Node", "Alive", "Drained", "GPUs", "Free", "Last heartbeat", "Util %", "Temp C", "Agent")
     for n in nodes:
         gpus = [g for g in n["telemetry"] if isinstance(g, dict)]
         utils = " ".join(str(g.get("util", "-")) for g in gpus) or "-"
         temps = " ".join(str(g.get("temp_c", "-")) for g in gpus) or "-"
-        table.add_row(n["node"], "yes" if n["alive"] else "LOST", str(n["gpus"]), str(n["free"]),
+        table.add_row(n["node"], "yes" if n["alive"] else "LOST", "DRAINED" if n["drained"] else "-",
+                      str(n["gpus"]), str(n["free"]),
                       f"{n['last_seen_s']} s ago", utils, temps, n["agent_addr"])
     return table
 
@@ -41,6 +46,29 @@ def jobs_table(jobs: list[dict]) -> Table:
                       f"{j['pid']} {j['process']} @{j['hostname']}", _when(j["started"]), _when(j["ended"]),
                       " ".join(j["workers"]) or "-", j["message"])
     return table
+
+
+def tokens_table(tokens: list[dict]) -> Table:
+    table = Table("User", "Token", "Created", "Revoked", "Devices", "Active jobs")
+    for t in tokens:
+        table.add_row(t["user"], t["token"], _when(t["created"]), _when(t["revoked"]), str(t["devices"]),
+                      str(t["active_jobs"]))
+    return table
+
+
+def revoked_line(reply: dict) -> str:
+    ended = reply["ended_jobs"]
+    jobs = f"ended its jobs {', '.join(map(str, ended))}" if ended else "no job of it was running"
+    return f"revoked the token of {reply['user']} (at {_when(reply['revoked'])}); {jobs}"
+
+
+def drained_line(reply: dict) -> str:
+    if not reply["drained"]:
+        return f"node {reply['node']} takes new jobs again"
+    running = reply["running_jobs"]
+    still = (f"jobs {', '.join(map(str, running))} still run there" if running
+             else "no job runs there")
+    return f"node {reply['node']} drained: no new job is placed on it; {still}"
 
 
 def usage_table(tokens: list[dict]) -> Table:
@@ -60,7 +88,15 @@ def parse_args(argv):
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token for USER and print it")
     create.add_argument("user")
+    token_sub.add_parser("list", help="every token, its user, devices, running jobs and revocation")
+    revoke = token_sub.add_parser("revoke", help="refuse TOKEN from now on and end its running jobs")
+    revoke.add_argument("token")
     sub.add_parser("nodes", help="back nodes and their GPUs")
+    node = sub.add_parser("node", help="take a back node out of scheduling and back")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    for verb, what in (("drain", "place no new job on NODE; its running jobs go on"),
+                       ("undrain", "let NODE take new jobs again")):
+        node_sub.add_parser(verb, help=what).add_argument("node")
     sub.add_parser("jobs", help="every job of every user")
     sub.add_parser("usage", help="GPU-seconds per token")
     return parser.parse_args(argv)
@@ -74,8 +110,15 @@ def main(argv=None) -> int:
     def body():
         master = common.connect_admin()
         try:
-            if args.command == "token":
+            if args.command == "token" and args.token_command == "create":
                 print(master.call("create_token", {"user": args.user})["token"])
+            elif args.command == "token" and args.token_command == "list":
+                console.print(tokens_table(master.call("list_tokens")["tokens"]))
+            elif args.command == "token":
+                print(revoked_line(master.call("revoke_token", {"token": args.token})))
+            elif args.command == "node":
+                print(drained_line(master.call("drain_node", {"node": args.node,
+                                                              "drained": args.node_command == "drain"})))
             elif args.command == "nodes":
                 console.print(nodes_table(master.call("list_nodes")["nodes"]))
             elif args.command == "jobs":

@@ -42,6 +42,10 @@ def server_version() -> str:
         return "unknown"
 
 
+def _date(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
 def new_token() -> str:
     """A user token: 24 URL-safe characters, never starting with '-', which a command line
     (``moreh-docker-run --token T``) would read as an option: 1 token in 64 did."""
@@ -82,6 +86,9 @@ class Master:
         }
         self.admin_handlers = {
             "create_token": self.create_token,
+            "list_tokens": self.list_tokens,
+            "revoke_token": self.revoke_token,
+            "drain_node": self.drain_node,
             "list_nodes": self.list_nodes,
             "list_all_jobs": self.list_all_jobs,
             "list_usage": self.list_usage,
@@ -98,9 +105,14 @@ class Master:
 
     def _as_user(self, fn):
         def check(msg: wire.Message):
-            if not msg.token or self.store.token(msg.token) is None:
+            row = self.store.token(msg.token) if msg.token else None
+            if row is None:
                 raise wire.RequestError("unauthorized", "unknown or missing token; set MOAI_TOKEN or "
                                                         f"write it to {self.settings.token_file}")
+            if row["revoked"] is not None:
+                raise wire.RequestError("unauthorized", f"this token was revoked by the cluster's "
+                                                        f"administrator on {_date(row['revoked'])}; "
+                                                        "ask them for a new one")
             return fn(msg.token, _body(msg), msg)
         return check
 
@@ -347,11 +359,54 @@ class Master:
             self.store.set_current_device(token, device_id)
         return {"token": token}
 
+    def list_tokens(self, body):
+        active: dict[str, int] = {}
+        for j in self.store.jobs(ACTIVE_STATES):
+            active[j["token"]] = active.get(j["token"], 0) + 1
+        return {"tokens": [{"user": t["user"], "token": t["token"], "created": t["created"],
+                            "revoked": t["revoked"], "devices": len(self.store.devices(t["token"])),
+                            "active_jobs": active.get(t["token"], 0)} for t in self.store.tokens()]}
+
+    def revoke_token(self, body):
+        """Take a user's rights away: the token is refused from now on and its jobs end at once
+        (GPUs freed, usage billed up to now). The row stays: its usage is still the user's."""
+        token = field(body, "token", str)
+        row = self.store.token(token)
+        if row is None:
+            raise wire.RequestError("not_found", "no such token (list them with `moai-admin token list`)")
+        now = self.clock()
+        ended = []
+        if row["revoked"] is None:
+            with self.store.tx():
+                self.store.revoke_token(token, now)
+            for job in self.store.jobs(ACTIVE_STATES, token=token):
+                self.jobs.end(job, "failed", "its token was revoked by the cluster's administrator", now)
+                ended.append(job["id"])
+            log.info("token of %s revoked; jobs ended: %s", row["user"], ended or "none")
+        return {"user": row["user"], "revoked": self.store.token(token)["revoked"], "ended_jobs": ended}
+
+    def drain_node(self, body):
+        """``drained: true`` places no new job on the node's GPUs (its running jobs go on), for
+        maintenance or a suspect GPU; ``false`` gives them back to the queue."""
+        name = field(body, "node", str)
+        drained = field(body, "drained", bool, True)
+        if self.store.node(name) is None:
+            raise wire.RequestError("not_found", f"no node {name} is registered (see `moai-admin nodes`)")
+        with self.store.tx():
+            self.store.set_node_drained(name, drained)
+        log.info("node %s %s", name, "drained" if drained else "takes jobs again")
+        if not drained:
+            self.jobs.serve_queue(self.clock())
+        running = [j["id"] for j in self.store.jobs(HOLDING_STATES)
+                   if any(w["node"] == name for w in j["workers"])]
+        return {"node": name, "drained": drained, "running_jobs": running}
+
     def list_nodes(self, body):
         free, _ = self.jobs.free_gpus()
         now = self.clock()
         return {"nodes": [{"node": n["name"], "agent_addr": n["agent_addr"], "worker_host": n["worker_host"],
-                           "alive": bool(n["alive"]), "gpus": len(n["gpus"]), "free": len(free.get(n["name"], [])),
+                           "alive": bool(n["alive"]), "drained": bool(n["drained"]), "gpus": len(n["gpus"]),
+                           "free": len(free.get(n["name"], [])),
                            "last_seen_s": round(now - n["last_seen"], 1), "telemetry": n["telemetry"]}
                           for n in self.store.nodes()]}
 

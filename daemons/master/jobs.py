@@ -31,9 +31,11 @@ class JobManager:
 
     # --- capacity -----------------------------------------------------------------------------
     def free_gpus(self) -> tuple[scheduler.FreeGpus, int]:
-        """Free GPUs of each live node, and the number of GPUs of all live nodes."""
-        free = {n["name"]: {g["index"] for g in n["gpus"]} for n in self.store.nodes() if n["alive"]}
-        total = sum(len(g) for g in free.values())
+        """Free GPUs of each live node, and the number of GPUs of all live nodes. A drained node
+        counts in the total but has none free: no new job goes there."""
+        live = [n for n in self.store.nodes() if n["alive"]]
+        total = sum(len(n["gpus"]) for n in live)
+        free = {n["name"]: {g["index"] for g in n["gpus"]} for n in live if not n["drained"]}
         for job in self.store.jobs(HOLDING_STATES):
             for w in job["workers"]:
                 free.get(w["node"], set()).discard(w["gpu"])

@@ -13,7 +13,8 @@ from pathlib import Path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
-    token TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL, current_device INTEGER);
+    token TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL, current_device INTEGER,
+    revoked REAL);                      -- when the operator revoked it; the row stays for billing
 CREATE TABLE IF NOT EXISTS devices (
     id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL,
     flavor INTEGER NOT NULL,            -- menu number of the flavor: stable if the GPU unit changes
@@ -21,7 +22,8 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, agent_addr TEXT NOT NULL, worker_host TEXT NOT NULL,
     worker_port_base INTEGER NOT NULL, gpus TEXT NOT NULL, telemetry TEXT NOT NULL,
-    registered REAL NOT NULL, last_seen REAL NOT NULL, alive INTEGER NOT NULL);
+    registered REAL NOT NULL, last_seen REAL NOT NULL, alive INTEGER NOT NULL,
+    drained INTEGER NOT NULL DEFAULT 0); -- the operator's: no new job is placed on its GPUs
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL, device_id INTEGER NOT NULL,
     flavor INTEGER NOT NULL, gpus INTEGER NOT NULL, pid INTEGER, process_name TEXT, hostname TEXT,
@@ -34,6 +36,9 @@ CREATE TABLE IF NOT EXISTS usage (
     gpus INTEGER NOT NULL, gpu_seconds REAL NOT NULL, started REAL NOT NULL, ended REAL NOT NULL);
 """
 
+# Columns added after the first release, with their definitions: a database made before them gets
+# them at open (ALTER TABLE), so an upgraded master keeps its records.
+ADDED_COLUMNS = {("tokens", "revoked"): "REAL", ("nodes", "drained"): "INTEGER NOT NULL DEFAULT 0"}
 JSON_COLUMNS = {"gpus": "nodes", "telemetry": "nodes", "workers": "jobs"}
 ACTIVE_STATES = ("queued", "starting", "running")
 JOB_COLUMNS = {"state", "message", "rendezvous", "workers", "memory_used", "memory_peak", "started",
@@ -52,7 +57,14 @@ class Store:
         # change then survives a power cut too, not only a killed process.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._depth = 0
+
+    def _add_missing_columns(self):
+        for (table, column), definition in ADDED_COLUMNS.items():
+            present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self):
         self.db.close()
@@ -101,6 +113,9 @@ class Store:
     def tokens(self) -> list[dict]:
         return self._rows("tokens", "SELECT * FROM tokens ORDER BY created")
 
+    def revoke_token(self, token: str, now: float):
+        self.db.execute("UPDATE tokens SET revoked = ? WHERE token = ? AND revoked IS NULL", (now, token))
+
     def set_current_device(self, token: str, device_id: int | None):
         self.db.execute("UPDATE tokens SET current_device = ? WHERE token = ?", (device_id, token))
 
@@ -145,6 +160,9 @@ class Store:
     def node_seen(self, name: str, telemetry: list, now: float):
         self.db.execute("UPDATE nodes SET telemetry = ?, last_seen = ?, alive = 1 WHERE name = ?",
                         (json.dumps(telemetry), now, name))
+
+    def set_node_drained(self, name: str, drained: bool):
+        self.db.execute("UPDATE nodes SET drained = ? WHERE name = ?", (int(drained), name))
 
     def set_node_lost(self, name: str):
         self.db.execute("UPDATE nodes SET alive = 0 WHERE name = ?", (name,))

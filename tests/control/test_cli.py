@@ -26,6 +26,12 @@ def device_row(out: str, device_id: int) -> str:
     return next(line for line in out.splitlines() if re.match(rf"\|  [* ] {device_id} ", line))
 
 
+def table_row(out: str, first: str) -> list[str]:
+    """The cells of the row of a moai-admin table (rich's box drawing) whose first cell is ``first``."""
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if "│" in line]
+    return next(r for r in rows if r[0] == first)
+
+
 def test_smi_shows_devices_processes_gpus_and_the_switched_model(master, make_node):
     make_node("back1", 4)
     token = master.create_token("alice")
@@ -117,3 +123,25 @@ def test_admin_creates_tokens_and_shows_nodes_jobs_usage(master, make_node):
     assert "carol" in usage and token in usage
     forged = master.run_cli("admin", "nodes", env={"MOAI_CLUSTER_SECRET": "guess"})
     one_line_error(forged, "needs the cluster secret")
+
+
+def test_admin_revokes_a_token_and_drains_a_node(master, make_node):
+    make_node("back7", 1)
+    token = ok(master.run_cli("admin", "token", "create", "erin")).strip()
+    client = master.client(token)
+    job = client.call("allocate_job", {"pid": 1, "process_name": "python a.py", "hostname": "f"})
+    listed = ok(master.run_cli("admin", "token", "list"))
+    _, shown, created, revoked_at, devices, active = table_row(listed, "erin")
+    assert (shown, revoked_at, devices, active) == (token, "-", "1", "1") and created, listed
+    revoked = ok(master.run_cli("admin", "token", "revoke", token))
+    assert revoked.startswith("revoked the token of erin (at ") and f"ended its jobs {job['job_id']}" in revoked
+    one_line_error(master.run_cli("smi", token=token), "this token was revoked", "ask them for a new one")
+    assert "no job of it was running" in ok(master.run_cli("admin", "token", "revoke", token))
+    one_line_error(master.run_cli("admin", "token", "revoke", "nope"), "no such token")
+
+    drained = ok(master.run_cli("admin", "node", "drain", "back7"))
+    assert drained.strip() == "node back7 drained: no new job is placed on it; no job runs there"
+    assert table_row(ok(master.run_cli("admin", "nodes")), "back7")[1:5] == ["yes", "DRAINED", "1", "0"]
+    assert ok(master.run_cli("admin", "node", "undrain", "back7")).strip() == "node back7 takes new jobs again"
+    assert table_row(ok(master.run_cli("admin", "nodes")), "back7")[1:5] == ["yes", "-", "1", "1"]
+    one_line_error(master.run_cli("admin", "node", "drain", "back9"), "no node back9 is registered")

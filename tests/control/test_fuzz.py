@@ -20,11 +20,13 @@ SEED = 20240601
 FIELD_NAMES = ["job_id", "device_id", "flavor", "all", "pid", "process_name", "hostname", "memory_used",
                "memory_peak", "exit_code", "node", "gpus", "workers", "agent_addr", "worker_host",
                "worker_port_base", "gpu", "rank", "world_size", "job_secret", "rendezvous", "memory_cap",
-               "index", "memory", "util", "reason", "user", "id", "seq", "ids", "ops", "tensor"]
+               "index", "memory", "util", "reason", "user", "id", "seq", "ids", "ops", "tensor", "token",
+               "drained"]
 MASTER_TYPES = ["hello", "list_flavors", "list_devices", "add_device", "remove_device", "switch_device",
                 "set_device_flavor", "allocate_job", "job_status", "heartbeat_job", "release_job",
                 "list_processes", "list_physical_gpus", "usage", "register_node", "heartbeat_node",
-                "report_worker_exit", "create_token", "list_nodes", "list_all_jobs", "list_usage"]
+                "report_worker_exit", "create_token", "list_tokens", "revoke_token", "drain_node",
+                "list_nodes", "list_all_jobs", "list_usage"]
 AGENT_TYPES = ["launch_worker", "stop_worker", "node_status"]
 # Requests whose answer the worker owes: the streamed ones (run_ops, put, free) answer nothing when
 # accepted, and shutdown would end the test's worker.

@@ -1,9 +1,11 @@
 """The master daemon against real clients: tokens, devices, jobs, queue, liveness, restart."""
+import sqlite3
 import time
 
 import pytest
 
 from daemons import wire
+from daemons.master.store import Store
 from master_fixture import (CLUSTER_SECRET, HEARTBEAT_TIMEOUT_S, FrontHeartbeat, MasterProcess,  # noqa: F401
                             make_node, master, wait_until)
 
@@ -237,6 +239,101 @@ def test_master_killed_and_restarted_loses_nothing(master, make_node):
     assert node.launched
 
 
+def test_revoked_token_is_refused_and_its_jobs_end_with_their_usage_kept(master, make_node):
+    node = make_node("n1", 2)
+    alice, bob = master.create_token("alice"), master.create_token("bob")
+    a, b = master.client(alice), master.client(bob)
+    a_job, b_job = allocate(a), allocate(b)
+    beats = [FrontHeartbeat(master, alice, a_job["job_id"]), FrontHeartbeat(master, bob, b_job["job_id"])]
+    admin = master.admin()
+    try:
+        reply = admin.call("revoke_token", {"token": alice})
+        assert reply["user"] == "alice" and reply["ended_jobs"] == [a_job["job_id"]] and reply["revoked"]
+        a_worker = next(l["gpu"] for l in node.launched if l["job_id"] == a_job["job_id"])
+        wait_until(lambda: {"job_id": a_job["job_id"], "gpu": a_worker} in node.stopped, 5,
+                   "stop_worker for the revoked token's worker")
+        for msg_type, body in [("list_devices", {}), ("job_status", {"job_id": a_job["job_id"]}),
+                               ("allocate_job", {"pid": 1, "process_name": "p", "hostname": "h"})]:
+            err = error_of(a, msg_type, body)
+            assert err.code == "unauthorized" and "revoked by the cluster's administrator" in err.message, err
+        assert job_state(b, b_job["job_id"]) == "running", "another token's job goes on"
+        ended = next(j for j in admin.call("list_all_jobs")["jobs"] if j["job_id"] == a_job["job_id"])
+        assert ended["state"] == "failed" and "revoked" in ended["message"]
+        usage = {t["user"]: t for t in admin.call("list_usage")["tokens"]}
+        assert usage["alice"]["jobs"] == 1 and usage["alice"]["gpu_seconds"] > 0, "billing keeps it"
+        assert allocate(master.client(master.create_token("carol")))["state"] == "running", "its GPU is free"
+        # Idempotent, kept across a restart, and an unknown token is named as such.
+        assert admin.call("revoke_token", {"token": alice})["ended_jobs"] == []
+        assert error_of(admin, "revoke_token", {"token": "no-such"}).code == "not_found"
+        master.kill()
+        master.start()
+        assert error_of(master.client(alice), "list_devices").code == "unauthorized"
+        listed = {t["user"]: t for t in master.admin().call("list_tokens")["tokens"]}
+        assert listed["alice"]["revoked"] == reply["revoked"] and listed["bob"]["revoked"] is None
+        assert listed["bob"]["active_jobs"] == 1 and listed["bob"]["devices"] == 1
+    finally:
+        for beat in beats:
+            beat.stop()
+
+
+def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make_node):
+    make_node("n1", 1)
+    n2 = make_node("n2", 1)
+    admin = master.admin()
+    alice, bob = master.create_token("alice"), master.create_token("bob")
+    a, b = master.client(alice), master.client(bob)
+    running = allocate(a)
+    beats = [FrontHeartbeat(master, alice, running["job_id"])]
+    try:
+        on = a.call("job_status", {"job_id": running["job_id"]})["workers"][0]["node"]
+        other = "n2" if on == "n1" else "n1"
+        assert admin.call("drain_node", {"node": on})["running_jobs"] == [running["job_id"]]
+        assert admin.call("drain_node", {"node": other}) == {"node": other, "drained": True, "running_jobs": []}
+        waiting = allocate(b)
+        beats.append(FrontHeartbeat(master, bob, waiting["job_id"]))
+        assert waiting["state"] == "queued", "both nodes drained: the free GPU is not handed out"
+        assert waiting["message"] == "waiting for 1 GPU (0 free of 2); position 1 in queue"
+        nodes = {n["node"]: n for n in admin.call("list_nodes")["nodes"]}
+        assert nodes[other]["drained"] and nodes[other]["free"] == 0
+        n2.register()  # an agent restarting re-registers its node: the operator's drain stays
+        assert {n["node"]: n for n in admin.call("list_nodes")["nodes"]}["n2"]["drained"]
+        assert job_state(a, running["job_id"]) == "running", "a drained node's job goes on"
+        assert admin.call("drain_node", {"node": other, "drained": False})["drained"] is False
+        wait_until(lambda: job_state(b, waiting["job_id"]) == "running", 5, "the queued job to start")
+        assert b.call("job_status", {"job_id": waiting["job_id"]})["workers"][0]["node"] == other
+        assert error_of(admin, "drain_node", {"node": "n9"}).code == "not_found"
+    finally:
+        for beat in beats:
+            beat.stop()
+
+
+def test_a_database_from_before_revocation_and_draining_opens_with_its_records(tmp_path):
+    """A master upgraded in place opens the database the old one wrote: the columns added since
+    (tokens.revoked, nodes.drained) are added to it, and no row is lost."""
+    old = sqlite3.connect(tmp_path / "master.db")
+    old.executescript(
+        "CREATE TABLE tokens (token TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL,"
+        " current_device INTEGER);"
+        "CREATE TABLE nodes (name TEXT PRIMARY KEY, agent_addr TEXT NOT NULL, worker_host TEXT NOT NULL,"
+        " worker_port_base INTEGER NOT NULL, gpus TEXT NOT NULL, telemetry TEXT NOT NULL,"
+        " registered REAL NOT NULL, last_seen REAL NOT NULL, alive INTEGER NOT NULL);"
+        "INSERT INTO tokens VALUES ('t0k3n', 'dave', 1.0, NULL);"
+        "INSERT INTO nodes VALUES ('n1', 'tcp://a', 'h', 5700, '[]', '[]', 1.0, 1.0, 1);")
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "master.db")
+    try:
+        assert store.token("t0k3n")["user"] == "dave" and store.token("t0k3n")["revoked"] is None
+        assert store.node("n1")["drained"] == 0
+        with store.tx():
+            store.revoke_token("t0k3n", 2.0)
+            store.set_node_drained("n1", True)
+        assert store.token("t0k3n")["revoked"] == 2.0 and store.node("n1")["drained"] == 1
+    finally:
+        store.close()
+    Store(tmp_path / "master.db").close()  # opening it again adds nothing twice
+
+
 BAD_CLIENT_REQUESTS = [
     ("add_device", {"flavor": [1]}), ("add_device", {}), ("switch_device", {"device_id": "x"}),
     ("allocate_job", {"pid": "1", "process_name": "p", "hostname": "h"}),
@@ -250,7 +347,7 @@ BAD_CLUSTER_REQUESTS = [
     ("register_node", {"node": "x", "agent_addr": "a", "worker_host": "h", "gpus": [{"index": 0}, {"index": 0}]}),
     ("register_node", {"node": "x", "agent_addr": "a", "worker_host": "h", "gpus": "four"}),
     ("heartbeat_node", {"node": 5}), ("create_token", {"user": ""}), ("report_worker_exit", {"job_id": "1"}),
-    ("list_nodes", "x"),
+    ("list_nodes", "x"), ("revoke_token", {"token": 7}), ("drain_node", {"node": "n1", "drained": "no"}),
 ]
 
 

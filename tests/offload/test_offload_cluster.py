@@ -89,3 +89,31 @@ def test_worker_killed_mid_training_fails_the_front_with_the_cause(cluster):
     assert "virtual device cuda:0 was lost" in err, err
     assert "worker on node0:0" in err and "killed" in err, err  # the master's account of the cause
     assert jobs(cluster)[-1]["state"] == "failed"
+
+
+def test_a_token_revoked_mid_training_stops_the_front_with_the_reason(cluster):
+    token = cluster.admin.call("create_token", {"user": "mallory"})["token"]
+    runner = subprocess.Popen([sys.executable, str(FRONT_PROGRAM), "--steps", "0"],
+                              env={**cluster.env, "MOAI_TOKEN": token}, cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            assert runner.stdout.readline().startswith("step"), runner.stderr.read() if runner.poll() else ""
+        revoked_at = time.monotonic()
+        assert len(cluster.admin.call("revoke_token", {"token": token})["ended_jobs"]) == 1
+        try:
+            _, err = runner.communicate(timeout=FAILURE_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the front did not stop within {FAILURE_DEADLINE_S:g} s of its token's revocation")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.communicate()
+    assert time.monotonic() - revoked_at < FAILURE_DEADLINE_S
+    assert runner.returncode != 0
+    assert "virtual device cuda:0 was lost" in err and "revoked by the cluster's administrator" in err, err
+    assert "Traceback" in err and err.count("Error") < 10, err  # one error, not a cascade
+    job = jobs(cluster)[-1]
+    assert job["state"] == "failed" and "revoked" in job["message"], job
+    wait_until(lambda: cluster.head.program("workers:worker-00")["statename"] != "RUNNING", 30,
+               "the worker to stop after the job")
