@@ -3,7 +3,7 @@
     moai-admin token create USER   create a user token (printed) with one default device
     moai-admin token list          every token: its user, devices, running jobs, revocation
     moai-admin token revoke TOKEN  refuse the token from now on and end its jobs (usage is kept)
-    moai-admin nodes               back nodes, liveness, free GPUs and GPU telemetry
+    moai-admin nodes               back nodes, liveness, free GPUs, GPU telemetry and faults
     moai-admin node drain NODE     place no new job on NODE (its running jobs go on)
     moai-admin node undrain NODE   let NODE take jobs again
     moai-admin jobs                every job of every user
@@ -28,14 +28,16 @@ def _when(ts) -> str:
 
 
 def nodes_table(nodes: list[dict]) -> Table:
-    table = Table("Node", "Alive", "Drained", "GPUs", "Free", "Last heartbeat", "Util %", "Temp C", "Agent")
+    table = Table("Node", "Alive", "Drained", "GPUs", "Free", "Last heartbeat", "Util %", "Temp C", "Faults",
+                  "Agent")
     for n in nodes:
         gpus = [g for g in n["telemetry"] if isinstance(g, dict)]
         utils = " ".join(str(g.get("util", "-")) for g in gpus) or "-"
         temps = " ".join(str(g.get("temp_c", "-")) for g in gpus) or "-"
+        faults = "; ".join(f"GPU {g.get('index')}: {g['fault']}" for g in gpus if g.get("fault")) or "-"
         table.add_row(n["node"], "yes" if n["alive"] else "LOST", "DRAINED" if n["drained"] else "-",
                       str(n["gpus"]), str(n["free"]),
-                      f"{n['last_seen_s']} s ago", utils, temps, n["agent_addr"])
+                      f"{n['last_seen_s']} s ago", utils, temps, faults, n["agent_addr"])
     return table
 
 

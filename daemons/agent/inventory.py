@@ -4,6 +4,12 @@ Three sources, tried in order: NVML through ``pynvml`` (real GPUs, full telemetr
 (real GPUs without pynvml: memory only), and otherwise ``settings.virtual_gpus`` virtual GPUs whose
 "utilization" and "memory" are the CPU time and resident memory of the worker process serving
 each one, read from ``/proc``. A sensor the hardware does not have is reported as ``None``.
+
+Each record also carries the GPU's ``fault`` (None when healthy) and whether it is ``lost``. A GPU
+NVML cannot read any more has fallen off the bus or hung: it is lost, and only that GPU's record
+says so, so the node's other GPUs keep their jobs. A GPU at or over its slowdown temperature
+throttles: a fault, not lost. The master places no new job on a GPU with a fault and fails the
+jobs on a lost one.
 """
 from __future__ import annotations
 
@@ -83,10 +89,15 @@ class Inventory:
         return bool(self.gpus) and not self.gpus[0].virtual
 
     def _nvml_gpu(self, i: int) -> Gpu:
-        h = self._nvml.nvmlDeviceGetHandleByIndex(i)
-        name = self._nvml.nvmlDeviceGetName(h)
-        name = name.decode() if isinstance(name, bytes) else name
-        return Gpu(i, name, int(self._nvml.nvmlDeviceGetMemoryInfo(h).total), False)
+        nv = self._nvml
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            name = nv.nvmlDeviceGetName(h)
+            memory = int(nv.nvmlDeviceGetMemoryInfo(h).total)
+        except nv.NVMLError as e:  # registered all the same: its samples say it is lost
+            log.error("GPU %d cannot be read at start: %s", i, e)
+            return Gpu(i, "unreadable GPU", 0, False)
+        return Gpu(i, name.decode() if isinstance(name, bytes) else name, memory, False)
 
     def sample(self, worker_pids: dict[int, int]) -> list[dict]:
         """One telemetry record per GPU (``heartbeat_node`` format). ``worker_pids``: gpu -> pid."""
@@ -101,23 +112,35 @@ class Inventory:
 
     def _sample_nvml(self, g: Gpu) -> dict:
         nv = self._nvml
-        h = nv.nvmlDeviceGetHandleByIndex(g.index)
-        mem = nv.nvmlDeviceGetMemoryInfo(h)
-        util = nv.nvmlDeviceGetUtilizationRates(h)
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(g.index)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            util = nv.nvmlDeviceGetUtilizationRates(h)
+        except nv.NVMLError as e:
+            log.error("GPU %d cannot be read: %s", g.index, e)
+            return {"index": g.index, "util": None, "mem_util": None, "mem_used": None,
+                    "mem_total": g.memory, "temp_c": None, "mem_temp_c": None,
+                    "fault": f"NVML cannot read the GPU: {e}", "lost": True}
+        temp = _optional(lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
+        slowdown = _optional(lambda: nv.nvmlDeviceGetTemperatureThreshold(
+            h, nv.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
+        hot = temp is not None and slowdown is not None and temp >= slowdown
         return {"index": g.index, "util": float(util.gpu), "mem_util": float(util.memory),
-                "mem_used": int(mem.used), "mem_total": int(mem.total),
-                "temp_c": _optional(lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
-                "mem_temp_c": _optional(lambda: _nvml_memory_temperature(nv, h))}
+                "mem_used": int(mem.used), "mem_total": int(mem.total), "temp_c": temp,
+                "mem_temp_c": _optional(lambda: _nvml_memory_temperature(nv, h)),
+                "fault": f"over temperature: {temp} C, slowdown at {slowdown} C" if hot else None,
+                "lost": False}
 
     def _sample_cuda(self, g: Gpu) -> dict:
         free, total = self._cuda.mem_get_info(g.index)
         return {"index": g.index, "util": None, "mem_util": None, "mem_used": int(total - free),
-                "mem_total": int(total), "temp_c": None, "mem_temp_c": None}
+                "mem_total": int(total), "temp_c": None, "mem_temp_c": None, "fault": None, "lost": False}
 
     def _sample_virtual(self, g: Gpu, pid: int | None) -> dict:
         util, rss = (0.0, 0) if pid is None else self._process_usage(pid)
         return {"index": g.index, "util": util, "mem_util": round(100.0 * rss / g.memory, 1),
-                "mem_used": rss, "mem_total": g.memory, "temp_c": None, "mem_temp_c": None}
+                "mem_used": rss, "mem_total": g.memory, "temp_c": None, "mem_temp_c": None,
+                "fault": None, "lost": False}
 
     def _process_usage(self, pid: int) -> tuple[float, int]:
         """(CPU utilization % of the worker's thread budget since the last sample, RSS bytes)."""

@@ -333,8 +333,10 @@ class Master:
         if node is None:
             raise wire.RequestError("not_found", f"node {name} is not registered; send register_node first")
         now = self.clock()
+        telemetry = [g for g in telemetry if isinstance(g, dict)]
+        self.jobs.note_gpu_health(node, telemetry, now)
         with self.store.tx():
-            self.store.node_seen(name, [g for g in telemetry if isinstance(g, dict)], now)
+            self.store.node_seen(name, telemetry, now)
         self.jobs.stop_strays(node, workers, now)
         return {}
 

@@ -31,11 +31,12 @@ class JobManager:
 
     # --- capacity -----------------------------------------------------------------------------
     def free_gpus(self) -> tuple[scheduler.FreeGpus, int]:
-        """Free GPUs of each live node, and the number of GPUs of all live nodes. A drained node
-        counts in the total but has none free: no new job goes there."""
+        """Free GPUs of each live node, and the number of GPUs of all live nodes. A drained node,
+        and a GPU whose last telemetry names a fault, count in the total but are not free: no new
+        job goes there."""
         live = [n for n in self.store.nodes() if n["alive"]]
         total = sum(len(n["gpus"]) for n in live)
-        free = {n["name"]: {g["index"] for g in n["gpus"]} for n in live if not n["drained"]}
+        free = {n["name"]: {g["index"] for g in n["gpus"]} - faulty_gpus(n) for n in live if not n["drained"]}
         for job in self.store.jobs(HOLDING_STATES):
             for w in job["workers"]:
                 free.get(w["node"], set()).discard(w["gpu"])
@@ -167,6 +168,23 @@ class JobManager:
                         node["name"], job_id, gpu)
             self.agents.stop(node["name"], node["agent_addr"], job_id, gpu)
 
+    def note_gpu_health(self, node: dict, telemetry: list, now: float):
+        """Log each GPU whose fault appeared or cleared since the node's last heartbeat, and fail
+        the jobs using a GPU its agent reports lost: their worker cannot finish, and may hang."""
+        before = {g.get("index"): g.get("fault") for g in node["telemetry"]}
+        for g in telemetry:
+            gpu, fault = g.get("index"), g.get("fault")
+            if fault != before.get(gpu):
+                if fault:
+                    log.warning("node %s GPU %s: %s", node["name"], gpu, fault)
+                else:
+                    log.info("node %s GPU %s has no fault any more", node["name"], gpu)
+            if not g.get("lost"):
+                continue
+            for job in self.store.jobs(HOLDING_STATES):
+                if any(w["node"] == node["name"] and w["gpu"] == gpu for w in job["workers"]):
+                    self.end(job, "failed", f"GPU {node['name']}:{gpu} failed: {fault}", now)
+
     def worker_exited(self, job: dict, node: str, gpu: int, reason: str, now: float):
         if job["state"] not in HOLDING_STATES:
             return  # the master stopped it itself, or the job already ended for another reason
@@ -174,6 +192,11 @@ class JobManager:
             return
         # The agent's reason names the worker's exit status or signal; the job's exit_code is the front's.
         self.end(job, "failed", f"worker on {node}:{gpu} failed: {reason}", now)
+
+
+def faulty_gpus(node: dict) -> set:
+    """The GPUs of a node whose last telemetry names a fault (over temperature, lost)."""
+    return {g.get("index") for g in node["telemetry"] if g.get("fault")}
 
 
 def _gpu_memory(node: dict, gpu: int) -> int:

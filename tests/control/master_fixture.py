@@ -106,6 +106,7 @@ class FakeNode:
         self.launched: list[dict] = []
         self.stopped: list[dict] = []
         self.workers: list[dict] = []          # what its heartbeats say runs on it
+        self.faults: dict[int, tuple[str, bool]] = {}   # gpu -> (fault, lost) its heartbeats report
         self.agent = wire.Server("tcp://127.0.0.1:0", {"launch_worker": self._launch, "stop_worker": self._stop},
                                  name=f"agent-{name}")
         self._agent_thread = threading.Thread(target=self.agent.serve_forever, daemon=True)
@@ -127,7 +128,8 @@ class FakeNode:
 
     def telemetry(self) -> list[dict]:
         return [{"index": i, "util": 50 + i, "mem_util": 10 + i, "mem_used": 1024 * (i + 1), "mem_total": 4096,
-                 "temp_c": 40 + i, "mem_temp_c": 45 + i} for i in range(self.gpus)]
+                 "temp_c": 40 + i, "mem_temp_c": 45 + i, "fault": self.faults.get(i, (None, False))[0],
+                 "lost": self.faults.get(i, (None, False))[1]} for i in range(self.gpus)]
 
     def register(self):
         cluster = self.master.admin()

@@ -307,6 +307,43 @@ def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make
             beat.stop()
 
 
+def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master, make_node):
+    node = make_node("n1", 2)
+    alice, bob = master.create_token("alice"), master.create_token("bob")
+    a, b = master.client(alice), master.client(bob)
+    admin = master.admin()
+
+    def free():
+        return admin.call("list_nodes")["nodes"][0]["free"]
+
+    node.faults[0] = ("over temperature: 93 C, slowdown at 90 C", False)
+    wait_until(lambda: free() == 1, 5, "the next heartbeat to report the hot GPU")
+    hot = allocate(a)
+    beats = [FrontHeartbeat(master, alice, hot["job_id"])]
+    try:
+        assert a.call("job_status", {"job_id": hot["job_id"]})["workers"][0]["gpu"] == 1, "not the hot GPU"
+        queued = allocate(b)
+        beats.append(FrontHeartbeat(master, bob, queued["job_id"]))
+        assert queued["message"] == "waiting for 1 GPU (0 free of 2); position 1 in queue"
+        shown = admin.call("list_nodes")["nodes"][0]["telemetry"][0]
+        assert shown["fault"] == "over temperature: 93 C, slowdown at 90 C" and not shown["lost"]
+        del node.faults[0]  # cooled down: back in the pool, and the queue is served
+        wait_until(lambda: job_state(b, queued["job_id"]) == "running", 5, "the queued job to start")
+
+        node.faults[1] = ("NVML cannot read the GPU: GPU is lost", True)
+        wait_until(lambda: job_state(a, hot["job_id"]) == "failed", 5, "the lost GPU's job to fail")
+        message = a.call("job_status", {"job_id": hot["job_id"]})["message"]
+        assert message == "GPU n1:1 failed: NVML cannot read the GPU: GPU is lost", message
+        assert job_state(b, queued["job_id"]) == "running", "the other GPU's job goes on"
+        wait_until(lambda: {"job_id": hot["job_id"], "gpu": 1} in node.stopped, 5, "stop_worker")
+        assert free() == 0, "a lost GPU takes no new job"  # the heartbeat that failed the job said so
+        log = master.log.read_text()
+        assert "node n1 GPU 0: over temperature" in log and "node n1 GPU 0 has no fault any more" in log
+    finally:
+        for beat in beats:
+            beat.stop()
+
+
 def test_a_database_from_before_revocation_and_draining_opens_with_its_records(tmp_path):
     """A master upgraded in place opens the database the old one wrote: the columns added since
     (tokens.revoked, nodes.drained) are added to it, and no row is lost."""
