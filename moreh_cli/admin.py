@@ -3,10 +3,12 @@
     moai-admin token create USER   create a user token (printed) with one default device
     moai-admin token list          every token: its user, devices, running jobs, revocation
     moai-admin token revoke TOKEN  refuse the token from now on and end its jobs (usage is kept)
+    moai-admin token limit TOKEN N the most GPUs the token's devices may have ("none": no limit)
     moai-admin nodes               back nodes, liveness, free GPUs, GPU telemetry and faults
     moai-admin node drain NODE     place no new job on NODE (its running jobs go on)
     moai-admin node undrain NODE   let NODE take jobs again
     moai-admin jobs                every job of every user
+    moai-admin job end JOB         end a running or queued job (its GPUs return to the pool)
     moai-admin usage               GPU-seconds used per token
 """
 from __future__ import annotations
@@ -51,9 +53,10 @@ def jobs_table(jobs: list[dict]) -> Table:
 
 
 def tokens_table(tokens: list[dict]) -> Table:
-    table = Table("User", "Token", "Created", "Revoked", "Devices", "Active jobs")
+    table = Table("User", "Token", "Created", "Revoked", "Max GPUs", "Devices", "Active jobs")
     for t in tokens:
-        table.add_row(t["user"], t["token"], _when(t["created"]), _when(t["revoked"]), str(t["devices"]),
+        table.add_row(t["user"], t["token"], _when(t["created"]), _when(t["revoked"]),
+                      "-" if t["max_gpus"] is None else str(t["max_gpus"]), str(t["devices"]),
                       str(t["active_jobs"]))
     return table
 
@@ -81,6 +84,15 @@ def usage_table(tokens: list[dict]) -> Table:
     return table
 
 
+def _max_gpus(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'not a number of GPUs nor "none": {text!r}') from None
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="moai-admin", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,6 +105,9 @@ def parse_args(argv):
     token_sub.add_parser("list", help="every token, its user, devices, running jobs and revocation")
     revoke = token_sub.add_parser("revoke", help="refuse TOKEN from now on and end its running jobs")
     revoke.add_argument("token")
+    limit = token_sub.add_parser("limit", help="the most GPUs TOKEN's devices may have")
+    limit.add_argument("token")
+    limit.add_argument("max_gpus", type=_max_gpus, metavar="N", help='a number of GPUs, or "none"')
     sub.add_parser("nodes", help="back nodes and their GPUs")
     node = sub.add_parser("node", help="take a back node out of scheduling and back")
     node_sub = node.add_subparsers(dest="node_command", required=True)
@@ -100,6 +115,10 @@ def parse_args(argv):
                        ("undrain", "let NODE take new jobs again")):
         node_sub.add_parser(verb, help=what).add_argument("node")
     sub.add_parser("jobs", help="every job of every user")
+    job = sub.add_parser("job", help="act on one job")
+    job_sub = job.add_subparsers(dest="job_command", required=True)
+    job_sub.add_parser("end", help="end JOB now: its front stops, its GPUs return to the pool").add_argument(
+        "job_id", type=int, metavar="JOB")
     sub.add_parser("usage", help="GPU-seconds per token")
     return parser.parse_args(argv)
 
@@ -116,8 +135,16 @@ def main(argv=None) -> int:
                 print(master.call("create_token", {"user": args.user})["token"])
             elif args.command == "token" and args.token_command == "list":
                 console.print(tokens_table(master.call("list_tokens")["tokens"]))
+            elif args.command == "token" and args.token_command == "limit":
+                reply = master.call("limit_token", {"token": args.token, "max_gpus": args.max_gpus})
+                n = reply["max_gpus"]
+                most = "any size the cluster holds" if n is None else f"at most {n} GPU{'' if n == 1 else 's'}"
+                print(f"the devices of {reply['user']} may have {most}")
             elif args.command == "token":
                 print(revoked_line(master.call("revoke_token", {"token": args.token})))
+            elif args.command == "job":
+                reply = master.call("end_job", {"job_id": args.job_id})
+                print(f"ended job {reply['job_id']} of {reply['user']} ({reply['gpu_seconds']:.1f} GPU-seconds)")
             elif args.command == "node":
                 print(drained_line(master.call("drain_node", {"node": args.node,
                                                               "drained": args.node_command == "drain"})))

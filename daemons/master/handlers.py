@@ -17,7 +17,7 @@ from daemons import flavors as flavor_catalog
 from daemons import wire
 from daemons.wire import field
 from daemons.config import Settings
-from daemons.master import accounting
+from daemons.master import accounting, scheduler
 from daemons.master.agents import AgentLink
 from daemons.master.jobs import HOLDING_STATES, JobManager
 from daemons.master.store import ACTIVE_STATES, Store
@@ -89,6 +89,8 @@ class Master:
             "list_tokens": self.list_tokens,
             "revoke_token": self.revoke_token,
             "drain_node": self.drain_node,
+            "end_job": self.end_job,
+            "limit_token": self.limit_token,
             "list_nodes": self.list_nodes,
             "list_all_jobs": self.list_all_jobs,
             "list_usage": self.list_usage,
@@ -124,6 +126,10 @@ class Master:
         return check
 
     # --- helpers ------------------------------------------------------------------------------
+    def _user(self, token: str) -> str:
+        row = self.store.token(token)
+        return row["user"] if row else "?"
+
     def _flavor(self, key) -> flavor_catalog.Flavor:
         try:
             return flavor_catalog.find(key, self.settings.gpu_unit_gb)
@@ -132,6 +138,13 @@ class Master:
 
     def _flavor_of(self, device: dict) -> flavor_catalog.Flavor:
         return flavor_catalog.catalog(self.settings.gpu_unit_gb)[device["flavor"] - 1]
+
+    def _check_gpu_limit(self, token: str, flavor: flavor_catalog.Flavor, what: str):
+        limit = self.store.token(token)["max_gpus"]
+        if limit is not None and flavor.gpus > limit:
+            raise wire.RequestError("gpu_limit", f"{what} ({flavor.name}) needs {scheduler.gpus(flavor.gpus)} but "
+                                                 f"this token may use at most {scheduler.gpus(limit)}; pick a "
+                                                 "smaller size with `moreh-switch-model`")
 
     def _device(self, token: str, device_id: int) -> dict:
         device = self.store.device(token, device_id)
@@ -181,6 +194,7 @@ class Master:
 
     def add_device(self, token, body, msg):
         flavor = self._flavor(field(body, "flavor", (int, str)))
+        self._check_gpu_limit(token, flavor, "a new device")
         owned = len(self.store.devices(token))
         limit = self.settings.max_devices_per_token
         if owned >= limit:
@@ -224,6 +238,7 @@ class Master:
         device = self._device(token, device_id) if device_id is not None else self._current_device(token)
         if device is None:
             raise wire.RequestError("no_device", "you have no device; add one with `moreh-smi device --add`")
+        self._check_gpu_limit(token, flavor, f"device {device['id']}")
         with self.store.tx():
             self.store.set_device_flavor(device["id"], flavor.number)
         current = self.store.token(token)["current_device"]
@@ -237,6 +252,7 @@ class Master:
         device = self._current_device(token)
         if device is None:
             raise wire.RequestError("no_device", "you have no device; add one with `moreh-smi device --add`")
+        self._check_gpu_limit(token, self._flavor_of(device), f"device {device['id']}")
         job = self.jobs.allocate(token, device, pid, process_name, hostname, self.clock())
         if job["state"] == "starting":
             # Answered from the tick once the agents have started the workers, so that the
@@ -366,7 +382,8 @@ class Master:
         for j in self.store.jobs(ACTIVE_STATES):
             active[j["token"]] = active.get(j["token"], 0) + 1
         return {"tokens": [{"user": t["user"], "token": t["token"], "created": t["created"],
-                            "revoked": t["revoked"], "devices": len(self.store.devices(t["token"])),
+                            "revoked": t["revoked"], "max_gpus": t["max_gpus"],
+                            "devices": len(self.store.devices(t["token"])),
                             "active_jobs": active.get(t["token"], 0)} for t in self.store.tokens()]}
 
     def revoke_token(self, body):
@@ -386,6 +403,31 @@ class Master:
                 ended.append(job["id"])
             log.info("token of %s revoked; jobs ended: %s", row["user"], ended or "none")
         return {"user": row["user"], "revoked": self.store.token(token)["revoked"], "ended_jobs": ended}
+
+    def end_job(self, body):
+        """The operator ends a job (a runaway, a GPU needed elsewhere): its front stops with this
+        as the reason, its GPUs return to the pool, its usage is billed up to now."""
+        job_id = field(body, "job_id", int)
+        job = self.store.job(job_id)
+        if job is None:
+            raise wire.RequestError("not_found", f"no job {job_id} (see `moai-admin jobs`)")
+        if job["state"] not in ACTIVE_STATES:
+            raise wire.RequestError("not_active", f"job {job_id} already {job['state']}: {job['message']}")
+        gpu_seconds = self.jobs.end(job, "failed", "ended by the cluster's administrator", self.clock())
+        return {"job_id": job_id, "user": self._user(job["token"]), "gpu_seconds": gpu_seconds}
+
+    def limit_token(self, body):
+        """The most GPUs the token's jobs may use (its devices' sizes); none: no limit but the
+        cluster's. A device already larger keeps its size, but runs no job until made smaller."""
+        token = field(body, "token", str)
+        max_gpus = field(body, "max_gpus", int, None)
+        if max_gpus is not None and max_gpus < 1:
+            raise wire.RequestError("bad_request", "max_gpus must be at least 1 (revoke a token to stop it)")
+        if self.store.token(token) is None:
+            raise wire.RequestError("not_found", "no such token (list them with `moai-admin token list`)")
+        with self.store.tx():
+            self.store.set_token_max_gpus(token, max_gpus)
+        return {"user": self._user(token), "max_gpus": max_gpus}
 
     def drain_node(self, body):
         """``drained: true`` places no new job on the node's GPUs (its running jobs go on), for

@@ -14,7 +14,8 @@ from pathlib import Path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     token TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL, current_device INTEGER,
-    revoked REAL);                      -- when the operator revoked it; the row stays for billing
+    revoked REAL,                       -- when the operator revoked it; the row stays for billing
+    max_gpus INTEGER);                  -- the operator's limit on the token's device size; NULL: none
 CREATE TABLE IF NOT EXISTS devices (
     id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL,
     flavor INTEGER NOT NULL,            -- menu number of the flavor: stable if the GPU unit changes
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS usage (
 
 # Columns added after the first release, with their definitions: a database made before them gets
 # them at open (ALTER TABLE), so an upgraded master keeps its records.
-ADDED_COLUMNS = {("tokens", "revoked"): "REAL", ("nodes", "drained"): "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {("tokens", "revoked"): "REAL", ("tokens", "max_gpus"): "INTEGER",
+                 ("nodes", "drained"): "INTEGER NOT NULL DEFAULT 0"}
 JSON_COLUMNS = {"gpus": "nodes", "telemetry": "nodes", "workers": "jobs"}
 ACTIVE_STATES = ("queued", "starting", "running")
 JOB_COLUMNS = {"state", "message", "rendezvous", "workers", "memory_used", "memory_peak", "started",
@@ -115,6 +117,9 @@ class Store:
 
     def revoke_token(self, token: str, now: float):
         self.db.execute("UPDATE tokens SET revoked = ? WHERE token = ? AND revoked IS NULL", (now, token))
+
+    def set_token_max_gpus(self, token: str, max_gpus: int | None):
+        self.db.execute("UPDATE tokens SET max_gpus = ? WHERE token = ?", (max_gpus, token))
 
     def set_current_device(self, token: str, device_id: int | None):
         self.db.execute("UPDATE tokens SET current_device = ? WHERE token = ?", (device_id, token))

@@ -131,8 +131,8 @@ def test_admin_revokes_a_token_and_drains_a_node(master, make_node):
     client = master.client(token)
     job = client.call("allocate_job", {"pid": 1, "process_name": "python a.py", "hostname": "f"})
     listed = ok(master.run_cli("admin", "token", "list"))
-    _, shown, created, revoked_at, devices, active = table_row(listed, "erin")
-    assert (shown, revoked_at, devices, active) == (token, "-", "1", "1") and created, listed
+    _, shown, created, revoked_at, max_gpus, devices, active = table_row(listed, "erin")
+    assert (shown, revoked_at, max_gpus, devices, active) == (token, "-", "-", "1", "1") and created, listed
     revoked = ok(master.run_cli("admin", "token", "revoke", token))
     assert revoked.startswith("revoked the token of erin (at ") and f"ended its jobs {job['job_id']}" in revoked
     one_line_error(master.run_cli("smi", token=token), "this token was revoked", "ask them for a new one")
@@ -145,3 +145,22 @@ def test_admin_revokes_a_token_and_drains_a_node(master, make_node):
     assert ok(master.run_cli("admin", "node", "undrain", "back7")).strip() == "node back7 takes new jobs again"
     assert table_row(ok(master.run_cli("admin", "nodes")), "back7")[1:5] == ["yes", "-", "1", "1"]
     one_line_error(master.run_cli("admin", "node", "drain", "back9"), "no node back9 is registered")
+
+
+def test_admin_ends_a_job_and_limits_a_token(master, make_node):
+    make_node("back7", 4)
+    token = master.create_token("frank")
+    client = master.client(token)
+    job = client.call("allocate_job", {"pid": 1, "process_name": "python a.py", "hostname": "f"})["job_id"]
+    ended = ok(master.run_cli("admin", "job", "end", str(job))).strip()
+    assert re.fullmatch(rf"ended job {job} of frank \(\d+\.\d GPU-seconds\)", ended), ended
+    one_line_error(master.run_cli("admin", "job", "end", str(job)), f"job {job} already failed")
+
+    limited = ok(master.run_cli("admin", "token", "limit", token, "1")).strip()
+    assert limited == "the devices of frank may have at most 1 GPU"
+    assert table_row(ok(master.run_cli("admin", "token", "list")), "frank")[4] == "1"
+    one_line_error(master.run_cli("switch_model", "2", token=token),
+                   "needs 2 GPUs but this token may use at most 1 GPU")
+    assert ok(master.run_cli("admin", "token", "limit", token, "none")).strip() == \
+        "the devices of frank may have any size the cluster holds"
+    ok(master.run_cli("switch_model", "2", token=token))

@@ -276,6 +276,54 @@ def test_revoked_token_is_refused_and_its_jobs_end_with_their_usage_kept(master,
             beat.stop()
 
 
+def test_the_operator_ends_a_job_and_its_gpus_return_to_the_pool(master, make_node):
+    node = make_node("n1", 1)
+    alice, bob = master.create_token("alice"), master.create_token("bob")
+    a, b = master.client(alice), master.client(bob)
+    running, queued = allocate(a), allocate(b)
+    beats = [FrontHeartbeat(master, alice, running["job_id"]), FrontHeartbeat(master, bob, queued["job_id"])]
+    admin = master.admin()
+    try:
+        assert queued["state"] == "queued"
+        reply = admin.call("end_job", {"job_id": running["job_id"]})
+        assert reply["job_id"] == running["job_id"] and reply["user"] == "alice" and reply["gpu_seconds"] > 0
+        status = a.call("job_status", {"job_id": running["job_id"]})
+        assert (status["state"], status["message"]) == ("failed", "ended by the cluster's administrator")
+        wait_until(lambda: {"job_id": running["job_id"], "gpu": 0} in node.stopped, 5, "stop_worker")
+        wait_until(lambda: job_state(b, queued["job_id"]) == "running", 5, "the queued job to get the GPU")
+        err = error_of(admin, "end_job", {"job_id": running["job_id"]})
+        assert err.code == "not_active" and "already failed: ended by the cluster's administrator" in err.message
+        assert error_of(admin, "end_job", {"job_id": 999}).code == "not_found"
+        assert a.call("usage")["records"][0]["job_id"] == running["job_id"], "billed up to its end"
+    finally:
+        for beat in beats:
+            beat.stop()
+
+
+def test_a_token_limited_to_fewer_gpus_cannot_pick_or_run_a_larger_device(master, make_node):
+    make_node("n1", 8)
+    alice = master.create_token("alice")
+    a, admin = master.client(alice), master.admin()
+    a.call("set_device_flavor", {"flavor": "Large"})  # 4 GPUs, chosen before the limit
+    assert admin.call("limit_token", {"token": alice, "max_gpus": 2}) == {"user": "alice", "max_gpus": 2}
+    device = a.call("list_devices")["current_id"]
+    err = error_of(a, "allocate_job", {"pid": 1, "process_name": "p", "hostname": "h"})
+    assert err.code == "gpu_limit"
+    assert err.message == (f"device {device} (Large.256GB) needs 4 GPUs but this token may use at most "
+                           "2 GPUs; pick a smaller size with `moreh-switch-model`")
+    assert error_of(a, "set_device_flavor", {"flavor": "xLarge"}).code == "gpu_limit"
+    assert error_of(a, "add_device", {"flavor": 3}).code == "gpu_limit"
+    assert a.call("set_device_flavor", {"flavor": "Medium"})["device"]["flavor"] == "Medium.128GB"
+    job = allocate(a)
+    assert job["state"] == "running" and a.call("job_status", {"job_id": job["job_id"]})["world_size"] == 2
+    a.call("release_job", {"job_id": job["job_id"]})
+    assert {t["user"]: t["max_gpus"] for t in admin.call("list_tokens")["tokens"]} == {"alice": 2}
+    admin.call("limit_token", {"token": alice, "max_gpus": None})
+    assert a.call("set_device_flavor", {"flavor": "xLarge"})["device"]["flavor"] == "xLarge.512GB"
+    assert error_of(admin, "limit_token", {"token": alice, "max_gpus": 0}).code == "bad_request"
+    assert error_of(admin, "limit_token", {"token": "nope", "max_gpus": 1}).code == "not_found"
+
+
 def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make_node):
     make_node("n1", 1)
     n2 = make_node("n2", 1)
@@ -385,6 +433,7 @@ BAD_CLUSTER_REQUESTS = [
     ("register_node", {"node": "x", "agent_addr": "a", "worker_host": "h", "gpus": "four"}),
     ("heartbeat_node", {"node": 5}), ("create_token", {"user": ""}), ("report_worker_exit", {"job_id": "1"}),
     ("list_nodes", "x"), ("revoke_token", {"token": 7}), ("drain_node", {"node": "n1", "drained": "no"}),
+    ("end_job", {"job_id": "1"}), ("limit_token", {"token": "t", "max_gpus": 1.5}),
 ]
 
 
