@@ -219,3 +219,21 @@ class FrontHeartbeat:
     def stop(self):
         self._running.clear()
         self._thread.join(timeout=5)
+
+
+class FrontHeartbeats:
+    """Heartbeats for the fronts of several jobs, all stopped when the ``with`` block ends."""
+
+    def __init__(self, master: MasterProcess, *jobs: tuple[str, int]):
+        self.master = master
+        self.beats = [FrontHeartbeat(master, token, job_id) for token, job_id in jobs]
+
+    def add(self, token: str, job_id: int):
+        self.beats.append(FrontHeartbeat(self.master, token, job_id))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for beat in self.beats:
+            beat.stop()

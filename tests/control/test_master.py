@@ -6,8 +6,8 @@ import pytest
 
 from daemons import wire
 from daemons.master.store import Store
-from master_fixture import (CLUSTER_SECRET, HEARTBEAT_TIMEOUT_S, FrontHeartbeat, MasterProcess,  # noqa: F401
-                            make_node, master, wait_until)
+from master_fixture import (CLUSTER_SECRET, HEARTBEAT_TIMEOUT_S, FrontHeartbeat, FrontHeartbeats,  # noqa: F401
+                            MasterProcess, make_node, master, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -244,9 +244,8 @@ def test_revoked_token_is_refused_and_its_jobs_end_with_their_usage_kept(master,
     alice, bob = master.create_token("alice"), master.create_token("bob")
     a, b = master.client(alice), master.client(bob)
     a_job, b_job = allocate(a), allocate(b)
-    beats = [FrontHeartbeat(master, alice, a_job["job_id"]), FrontHeartbeat(master, bob, b_job["job_id"])]
     admin = master.admin()
-    try:
+    with FrontHeartbeats(master, (alice, a_job["job_id"]), (bob, b_job["job_id"])):
         reply = admin.call("revoke_token", {"token": alice})
         assert reply["user"] == "alice" and reply["ended_jobs"] == [a_job["job_id"]] and reply["revoked"]
         a_worker = next(l["gpu"] for l in node.launched if l["job_id"] == a_job["job_id"])
@@ -271,9 +270,6 @@ def test_revoked_token_is_refused_and_its_jobs_end_with_their_usage_kept(master,
         listed = {t["user"]: t for t in master.admin().call("list_tokens")["tokens"]}
         assert listed["alice"]["revoked"] == reply["revoked"] and listed["bob"]["revoked"] is None
         assert listed["bob"]["active_jobs"] == 1 and listed["bob"]["devices"] == 1
-    finally:
-        for beat in beats:
-            beat.stop()
 
 
 def test_the_operator_ends_a_job_and_its_gpus_return_to_the_pool(master, make_node):
@@ -281,9 +277,8 @@ def test_the_operator_ends_a_job_and_its_gpus_return_to_the_pool(master, make_no
     alice, bob = master.create_token("alice"), master.create_token("bob")
     a, b = master.client(alice), master.client(bob)
     running, queued = allocate(a), allocate(b)
-    beats = [FrontHeartbeat(master, alice, running["job_id"]), FrontHeartbeat(master, bob, queued["job_id"])]
     admin = master.admin()
-    try:
+    with FrontHeartbeats(master, (alice, running["job_id"]), (bob, queued["job_id"])):
         assert queued["state"] == "queued"
         reply = admin.call("end_job", {"job_id": running["job_id"]})
         assert reply["job_id"] == running["job_id"] and reply["user"] == "alice" and reply["gpu_seconds"] > 0
@@ -295,9 +290,6 @@ def test_the_operator_ends_a_job_and_its_gpus_return_to_the_pool(master, make_no
         assert err.code == "not_active" and "already failed: ended by the cluster's administrator" in err.message
         assert error_of(admin, "end_job", {"job_id": 999}).code == "not_found"
         assert a.call("usage")["records"][0]["job_id"] == running["job_id"], "billed up to its end"
-    finally:
-        for beat in beats:
-            beat.stop()
 
 
 def test_a_token_limited_to_fewer_gpus_cannot_pick_or_run_a_larger_device(master, make_node):
@@ -331,14 +323,13 @@ def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make
     alice, bob = master.create_token("alice"), master.create_token("bob")
     a, b = master.client(alice), master.client(bob)
     running = allocate(a)
-    beats = [FrontHeartbeat(master, alice, running["job_id"])]
-    try:
+    with FrontHeartbeats(master, (alice, running["job_id"])) as beats:
         on = a.call("job_status", {"job_id": running["job_id"]})["workers"][0]["node"]
         other = "n2" if on == "n1" else "n1"
         assert admin.call("drain_node", {"node": on})["running_jobs"] == [running["job_id"]]
         assert admin.call("drain_node", {"node": other}) == {"node": other, "drained": True, "running_jobs": []}
         waiting = allocate(b)
-        beats.append(FrontHeartbeat(master, bob, waiting["job_id"]))
+        beats.add(bob, waiting["job_id"])
         assert waiting["state"] == "queued", "both nodes drained: the free GPU is not handed out"
         assert waiting["message"] == "waiting for 1 GPU (0 free of 2); position 1 in queue"
         nodes = {n["node"]: n for n in admin.call("list_nodes")["nodes"]}
@@ -350,9 +341,6 @@ def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make
         wait_until(lambda: job_state(b, waiting["job_id"]) == "running", 5, "the queued job to start")
         assert b.call("job_status", {"job_id": waiting["job_id"]})["workers"][0]["node"] == other
         assert error_of(admin, "drain_node", {"node": "n9"}).code == "not_found"
-    finally:
-        for beat in beats:
-            beat.stop()
 
 
 def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master, make_node):
@@ -367,11 +355,10 @@ def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master,
     node.faults[0] = ("over temperature: 93 C, slowdown at 90 C", False)
     wait_until(lambda: free() == 1, 5, "the next heartbeat to report the hot GPU")
     hot = allocate(a)
-    beats = [FrontHeartbeat(master, alice, hot["job_id"])]
-    try:
+    with FrontHeartbeats(master, (alice, hot["job_id"])) as beats:
         assert a.call("job_status", {"job_id": hot["job_id"]})["workers"][0]["gpu"] == 1, "not the hot GPU"
         queued = allocate(b)
-        beats.append(FrontHeartbeat(master, bob, queued["job_id"]))
+        beats.add(bob, queued["job_id"])
         assert queued["message"] == "waiting for 1 GPU (0 free of 2); position 1 in queue"
         shown = admin.call("list_nodes")["nodes"][0]["telemetry"][0]
         assert shown["fault"] == "over temperature: 93 C, slowdown at 90 C" and not shown["lost"]
@@ -387,9 +374,6 @@ def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master,
         assert free() == 0, "a lost GPU takes no new job"  # the heartbeat that failed the job said so
         log = master.log.read_text()
         assert "node n1 GPU 0: over temperature" in log and "node n1 GPU 0 has no fault any more" in log
-    finally:
-        for beat in beats:
-            beat.stop()
 
 
 def test_a_database_from_before_revocation_and_draining_opens_with_its_records(tmp_path):

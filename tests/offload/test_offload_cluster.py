@@ -22,8 +22,9 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def front(cluster, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(FRONT_PROGRAM), *args], env=cluster.env, cwd=REPO_ROOT,
+def front(cluster, *args: str, token: str | None = None) -> subprocess.Popen:
+    env = cluster.env if token is None else {**cluster.env, "MOAI_TOKEN": token}
+    return subprocess.Popen([sys.executable, str(FRONT_PROGRAM), *args], env=env, cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -68,24 +69,33 @@ def test_a_second_front_waits_in_the_queue_and_says_so_once(cluster):
     assert [j["state"] for j in ended] == ["finished", "finished"], [(j["state"], j["message"]) for j in ended]
 
 
-def test_worker_killed_mid_training_fails_the_front_with_the_cause(cluster):
-    runner = front(cluster, "--steps", "0")
+def failed_mid_training(cluster, cause, token: str | None = None) -> str:
+    """Start a front, let it train 3 steps, then ``cause()`` its failure: its stderr once it has
+    exited with an error by itself, within FAILURE_DEADLINE_S."""
+    runner = front(cluster, "--steps", "0", token=token)
     try:
         for _ in range(3):
             assert runner.stdout.readline().startswith("step"), runner.stderr.read() if runner.poll() else ""
-        pid = cluster.head.pid("workers:worker-00")
-        killed_at = time.monotonic()
-        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+        caused_at = time.monotonic()
+        cause()
         try:
             _, err = runner.communicate(timeout=FAILURE_DEADLINE_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the front did not fail within {FAILURE_DEADLINE_S:g} s of losing its worker")
+            pytest.fail(f"the front did not fail within {FAILURE_DEADLINE_S:g} s")
     finally:
         if runner.poll() is None:
             runner.kill()
             runner.communicate()
-    assert time.monotonic() - killed_at < FAILURE_DEADLINE_S
+    assert time.monotonic() - caused_at < FAILURE_DEADLINE_S
     assert runner.returncode != 0
+    return err
+
+
+def test_worker_killed_mid_training_fails_the_front_with_the_cause(cluster):
+    def kill_the_worker():
+        subprocess.run(["kill", "-KILL", str(cluster.head.pid("workers:worker-00"))], check=True)
+
+    err = failed_mid_training(cluster, kill_the_worker)
     assert "virtual device cuda:0 was lost" in err, err
     assert "worker on node0:0" in err and "killed" in err, err  # the master's account of the cause
     assert jobs(cluster)[-1]["state"] == "failed"
@@ -93,24 +103,11 @@ def test_worker_killed_mid_training_fails_the_front_with_the_cause(cluster):
 
 def test_a_token_revoked_mid_training_stops_the_front_with_the_reason(cluster):
     token = cluster.admin.call("create_token", {"user": "mallory"})["token"]
-    runner = subprocess.Popen([sys.executable, str(FRONT_PROGRAM), "--steps", "0"],
-                              env={**cluster.env, "MOAI_TOKEN": token}, cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(3):
-            assert runner.stdout.readline().startswith("step"), runner.stderr.read() if runner.poll() else ""
-        revoked_at = time.monotonic()
+
+    def revoke():
         assert len(cluster.admin.call("revoke_token", {"token": token})["ended_jobs"]) == 1
-        try:
-            _, err = runner.communicate(timeout=FAILURE_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the front did not stop within {FAILURE_DEADLINE_S:g} s of its token's revocation")
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.communicate()
-    assert time.monotonic() - revoked_at < FAILURE_DEADLINE_S
-    assert runner.returncode != 0
+
+    err = failed_mid_training(cluster, revoke, token)
     assert "virtual device cuda:0 was lost" in err and "revoked by the cluster's administrator" in err, err
     assert "Traceback" in err and err.count("Error") < 10, err  # one error, not a cascade
     job = jobs(cluster)[-1]
