@@ -376,9 +376,9 @@ def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master,
         assert "node n1 GPU 0: over temperature" in log and "node n1 GPU 0 has no fault any more" in log
 
 
-def test_a_database_from_before_revocation_and_draining_opens_with_its_records(tmp_path):
+def test_a_database_from_before_the_operator_controls_opens_with_its_records(tmp_path):
     """A master upgraded in place opens the database the old one wrote: the columns added since
-    (tokens.revoked, nodes.drained) are added to it, and no row is lost."""
+    (tokens.revoked, tokens.max_gpus, nodes.drained) are added to it, and no row is lost."""
     old = sqlite3.connect(tmp_path / "master.db")
     old.executescript(
         "CREATE TABLE tokens (token TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL,"
@@ -392,7 +392,8 @@ def test_a_database_from_before_revocation_and_draining_opens_with_its_records(t
     old.close()
     store = Store(tmp_path / "master.db")
     try:
-        assert store.token("t0k3n")["user"] == "dave" and store.token("t0k3n")["revoked"] is None
+        old_token = store.token("t0k3n")
+        assert (old_token["user"], old_token["revoked"], old_token["max_gpus"]) == ("dave", None, None)
         assert store.node("n1")["drained"] == 0
         with store.tx():
             store.revoke_token("t0k3n", 2.0)
