@@ -10,6 +10,7 @@
     moai-admin jobs                every job of every user
     moai-admin job end JOB         end a running or queued job (its GPUs return to the pool)
     moai-admin usage               GPU-seconds used per token
+    moai-admin events [-n N]       the last N events: GPU faults, nodes lost and back, operators' actions
 """
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def drained_line(reply: dict) -> str:
     return f"node {reply['node']} drained: no new job is placed on it; {still}"
 
 
+def events_table(events: list[dict]) -> Table:
+    table = Table("Time", "Event", "Subject", "Details")
+    for e in events:
+        table.add_row(_when(e["time"]), e["kind"], e["subject"], e["message"])
+    return table
+
+
 def usage_table(tokens: list[dict]) -> Table:
     table = Table("User", "Token", "Jobs", "GPU-seconds", "GPU-hours")
     for t in tokens:
@@ -93,69 +101,83 @@ def _max_gpus(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f'not a number of GPUs nor "none": {text!r}') from None
 
 
+def limited_line(reply: dict) -> str:
+    n = reply["max_gpus"]
+    most = "any size the cluster holds" if n is None else f"at most {n} GPU{'' if n == 1 else 's'}"
+    return f"the devices of {reply['user']} may have {most}"
+
+
+def ended_line(reply: dict) -> str:
+    return f"ended job {reply['job_id']} of {reply['user']} ({reply['gpu_seconds']:.1f} GPU-seconds)"
+
+
+# Each command: the master request it sends (type and body from the arguments) and how its reply
+# is shown (a line, or a table).
+COMMANDS = {
+    "token create": ("create_token", lambda a: {"user": a.user}, lambda r: r["token"]),
+    "token list": ("list_tokens", lambda a: {}, lambda r: tokens_table(r["tokens"])),
+    "token revoke": ("revoke_token", lambda a: {"token": a.token}, revoked_line),
+    "token limit": ("limit_token", lambda a: {"token": a.token, "max_gpus": a.max_gpus}, limited_line),
+    "nodes": ("list_nodes", lambda a: {}, lambda r: nodes_table(r["nodes"])),
+    "node drain": ("drain_node", lambda a: {"node": a.node, "drained": True}, drained_line),
+    "node undrain": ("drain_node", lambda a: {"node": a.node, "drained": False}, drained_line),
+    "jobs": ("list_all_jobs", lambda a: {}, lambda r: jobs_table(r["jobs"])),
+    "job end": ("end_job", lambda a: {"job_id": a.job_id}, ended_line),
+    "usage": ("list_usage", lambda a: {}, lambda r: usage_table(r["tokens"])),
+    "events": ("list_events", lambda a: {"limit": a.limit}, lambda r: events_table(r["events"])),
+}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="moai-admin", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     sub = parser.add_subparsers(dest="command", required=True)
-    token = sub.add_parser("token", help="manage user tokens")
-    token_sub = token.add_subparsers(dest="token_command", required=True)
-    create = token_sub.add_parser("create", help="create a token for USER and print it")
-    create.add_argument("user")
-    token_sub.add_parser("list", help="every token, its user, devices, running jobs and revocation")
-    revoke = token_sub.add_parser("revoke", help="refuse TOKEN from now on and end its running jobs")
-    revoke.add_argument("token")
-    limit = token_sub.add_parser("limit", help="the most GPUs TOKEN's devices may have")
+
+    def command(parent, name: str, what: str, key: str | None = None):
+        p = parent.add_parser(name, help=what)
+        p.set_defaults(key=key or name)
+        return p
+
+    token = sub.add_parser("token", help="manage user tokens").add_subparsers(dest="verb", required=True)
+    command(token, "create", "create a token for USER and print it", "token create").add_argument("user")
+    command(token, "list", "every token, its user, devices, running jobs and revocation", "token list")
+    command(token, "revoke", "refuse TOKEN from now on and end its running jobs", "token revoke").add_argument(
+        "token")
+    limit = command(token, "limit", "the most GPUs TOKEN's devices may have", "token limit")
     limit.add_argument("token")
     limit.add_argument("max_gpus", type=_max_gpus, metavar="N", help='a number of GPUs, or "none"')
-    sub.add_parser("nodes", help="back nodes and their GPUs")
-    node = sub.add_parser("node", help="take a back node out of scheduling and back")
-    node_sub = node.add_subparsers(dest="node_command", required=True)
-    for verb, what in (("drain", "place no new job on NODE; its running jobs go on"),
-                       ("undrain", "let NODE take new jobs again")):
-        node_sub.add_parser(verb, help=what).add_argument("node")
-    sub.add_parser("jobs", help="every job of every user")
-    job = sub.add_parser("job", help="act on one job")
-    job_sub = job.add_subparsers(dest="job_command", required=True)
-    job_sub.add_parser("end", help="end JOB now: its front stops, its GPUs return to the pool").add_argument(
+    command(sub, "nodes", "back nodes and their GPUs")
+    node = sub.add_parser("node", help="take a back node out of scheduling and back").add_subparsers(
+        dest="verb", required=True)
+    command(node, "drain", "place no new job on NODE; its running jobs go on", "node drain").add_argument("node")
+    command(node, "undrain", "let NODE take new jobs again", "node undrain").add_argument("node")
+    command(sub, "jobs", "every job of every user")
+    job = sub.add_parser("job", help="act on one job").add_subparsers(dest="verb", required=True)
+    command(job, "end", "end JOB now: its front stops, its GPUs return to the pool", "job end").add_argument(
         "job_id", type=int, metavar="JOB")
-    sub.add_parser("usage", help="GPU-seconds per token")
+    command(sub, "usage", "GPU-seconds per token")
+    command(sub, "events", "GPU faults, nodes lost and back, and operators' actions").add_argument(
+        "-n", "--limit", type=int, default=50, metavar="N", help="the last N (default 50)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    request, body_of, show = COMMANDS[args.key]
     # Piped output (scripts, tests) gets wide rows instead of cells wrapped at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 
     def body():
         master = common.connect_admin()
         try:
-            if args.command == "token" and args.token_command == "create":
-                print(master.call("create_token", {"user": args.user})["token"])
-            elif args.command == "token" and args.token_command == "list":
-                console.print(tokens_table(master.call("list_tokens")["tokens"]))
-            elif args.command == "token" and args.token_command == "limit":
-                reply = master.call("limit_token", {"token": args.token, "max_gpus": args.max_gpus})
-                n = reply["max_gpus"]
-                most = "any size the cluster holds" if n is None else f"at most {n} GPU{'' if n == 1 else 's'}"
-                print(f"the devices of {reply['user']} may have {most}")
-            elif args.command == "token":
-                print(revoked_line(master.call("revoke_token", {"token": args.token})))
-            elif args.command == "job":
-                reply = master.call("end_job", {"job_id": args.job_id})
-                print(f"ended job {reply['job_id']} of {reply['user']} ({reply['gpu_seconds']:.1f} GPU-seconds)")
-            elif args.command == "node":
-                print(drained_line(master.call("drain_node", {"node": args.node,
-                                                              "drained": args.node_command == "drain"})))
-            elif args.command == "nodes":
-                console.print(nodes_table(master.call("list_nodes")["nodes"]))
-            elif args.command == "jobs":
-                console.print(jobs_table(master.call("list_all_jobs")["jobs"]))
-            else:
-                console.print(usage_table(master.call("list_usage")["tokens"]))
+            shown = show(master.call(request, body_of(args)))
         finally:
             master.close()
+        if isinstance(shown, Table):
+            console.print(shown)
+        else:
+            print(shown)
 
     return common.run_tool("moai-admin", body)
 

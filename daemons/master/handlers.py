@@ -91,6 +91,7 @@ class Master:
             "drain_node": self.drain_node,
             "end_job": self.end_job,
             "limit_token": self.limit_token,
+            "list_events": self.list_events,
             "list_nodes": self.list_nodes,
             "list_all_jobs": self.list_all_jobs,
             "list_usage": self.list_usage,
@@ -334,10 +335,15 @@ class Master:
             field(g, "memory", int, 0)
         if len({g["index"] for g in gpus}) != len(gpus):
             raise wire.RequestError("bad_request", "GPU indexes of a node must be unique")
+        known = self.store.node(name)
+        now = self.clock()
         with self.store.tx():
             self.store.upsert_node(name, field(body, "agent_addr", str), field(body, "worker_host", str),
                                    field(body, "worker_port_base", int, self.settings.worker_port_base),
-                                   gpus, self.clock())
+                                   gpus, now)
+            if known is None or not known["alive"]:
+                self.store.add_event(now, "node_up", name, f"registered with {scheduler.gpus(len(gpus))}"
+                                     + ("" if known is None else " again after it was lost"))
         log.info("node %s registered with %d GPUs", name, len(gpus))
         return {}
 
@@ -353,6 +359,8 @@ class Master:
         self.jobs.note_gpu_health(node, telemetry, now)
         with self.store.tx():
             self.store.node_seen(name, telemetry, now)
+            if not node["alive"]:
+                self.store.add_event(now, "node_up", name, "heartbeats again after it was lost")
         self.jobs.stop_strays(node, workers, now)
         return {}
 
@@ -396,11 +404,14 @@ class Master:
         now = self.clock()
         ended = []
         if row["revoked"] is None:
+            jobs = self.store.jobs(ACTIVE_STATES, token=token)
+            ended = [job["id"] for job in jobs]
             with self.store.tx():
                 self.store.revoke_token(token, now)
-            for job in self.store.jobs(ACTIVE_STATES, token=token):
+                self.store.add_event(now, "token_revoked", row["user"],
+                                     f"jobs ended: {', '.join(map(str, ended)) or 'none'}")
+            for job in jobs:
                 self.jobs.end(job, "failed", "its token was revoked by the cluster's administrator", now)
-                ended.append(job["id"])
             log.info("token of %s revoked; jobs ended: %s", row["user"], ended or "none")
         return {"user": row["user"], "revoked": self.store.token(token)["revoked"], "ended_jobs": ended}
 
@@ -413,8 +424,12 @@ class Master:
             raise wire.RequestError("not_found", f"no job {job_id} (see `moai-admin jobs`)")
         if job["state"] not in ACTIVE_STATES:
             raise wire.RequestError("not_active", f"job {job_id} already {job['state']}: {job['message']}")
-        gpu_seconds = self.jobs.end(job, "failed", "ended by the cluster's administrator", self.clock())
-        return {"job_id": job_id, "user": self._user(job["token"]), "gpu_seconds": gpu_seconds}
+        now = self.clock()
+        user = self._user(job["token"])
+        with self.store.tx():
+            self.store.add_event(now, "job_ended", f"job {job_id}", f"of {user}, by the administrator")
+        gpu_seconds = self.jobs.end(job, "failed", "ended by the cluster's administrator", now)
+        return {"job_id": job_id, "user": user, "gpu_seconds": gpu_seconds}
 
     def limit_token(self, body):
         """The most GPUs the token's jobs may use (its devices' sizes); none: no limit but the
@@ -425,9 +440,12 @@ class Master:
             raise wire.RequestError("bad_request", "max_gpus must be at least 1 (revoke a token to stop it)")
         if self.store.token(token) is None:
             raise wire.RequestError("not_found", "no such token (list them with `moai-admin token list`)")
+        user = self._user(token)
         with self.store.tx():
             self.store.set_token_max_gpus(token, max_gpus)
-        return {"user": self._user(token), "max_gpus": max_gpus}
+            self.store.add_event(self.clock(), "token_limited", user,
+                                 "no limit" if max_gpus is None else f"at most {scheduler.gpus(max_gpus)}")
+        return {"user": user, "max_gpus": max_gpus}
 
     def drain_node(self, body):
         """``drained: true`` places no new job on the node's GPUs (its running jobs go on), for
@@ -438,12 +456,21 @@ class Master:
             raise wire.RequestError("not_found", f"no node {name} is registered (see `moai-admin nodes`)")
         with self.store.tx():
             self.store.set_node_drained(name, drained)
+            self.store.add_event(self.clock(), "node_drained" if drained else "node_undrained", name,
+                                 "no new job is placed on it" if drained else "takes new jobs again")
         log.info("node %s %s", name, "drained" if drained else "takes jobs again")
         if not drained:
             self.jobs.serve_queue(self.clock())
         running = [j["id"] for j in self.store.jobs(HOLDING_STATES)
                    if any(w["node"] == name for w in j["workers"])]
         return {"node": name, "drained": drained, "running_jobs": running}
+
+    def list_events(self, body):
+        limit = field(body, "limit", int, 100)
+        if limit < 1:
+            raise wire.RequestError("bad_request", "limit must be at least 1")
+        return {"events": [{k: e[k] for k in ("time", "kind", "subject", "message")}
+                           for e in self.store.events(limit)]}
 
     def list_nodes(self, body):
         free, _ = self.jobs.free_gpus()

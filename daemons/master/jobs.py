@@ -138,6 +138,7 @@ class JobManager:
                 log.warning(reason)
                 with self.store.tx():
                     self.store.set_node_lost(node["name"])
+                    self.store.add_event(now, "node_lost", node["name"], reason)
                 for job in self.store.jobs(HOLDING_STATES):
                     if any(w["node"] == node["name"] for w in job["workers"]):
                         self.end(job, "failed", reason, now)
@@ -179,6 +180,9 @@ class JobManager:
                     log.warning("node %s GPU %s: %s", node["name"], gpu, fault)
                 else:
                     log.info("node %s GPU %s has no fault any more", node["name"], gpu)
+                with self.store.tx():
+                    self.store.add_event(now, "gpu_fault" if fault else "gpu_ok", f"{node['name']}:{gpu}",
+                                         str(fault or f"no fault any more (was: {before.get(gpu)})"))
             if not g.get("lost"):
                 continue
             for job in self.store.jobs(HOLDING_STATES):

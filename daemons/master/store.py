@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     workers TEXT NOT NULL, memory_used INTEGER NOT NULL DEFAULT 0,
     memory_peak INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL, ended REAL,
     last_heartbeat REAL NOT NULL, exit_code INTEGER);
+CREATE TABLE IF NOT EXISTS events (    -- what an operator looks back on: faults, lost nodes, actions
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL,
+    subject TEXT NOT NULL, message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS usage (
     job_id INTEGER PRIMARY KEY, token TEXT NOT NULL, device_id INTEGER NOT NULL,
     gpus INTEGER NOT NULL, gpu_seconds REAL NOT NULL, started REAL NOT NULL, ended REAL NOT NULL);
@@ -41,6 +44,7 @@ CREATE TABLE IF NOT EXISTS usage (
 # them at open (ALTER TABLE), so an upgraded master keeps its records.
 ADDED_COLUMNS = {("tokens", "revoked"): "REAL", ("tokens", "max_gpus"): "INTEGER",
                  ("nodes", "drained"): "INTEGER NOT NULL DEFAULT 0"}
+MAX_EVENTS = 10000                      # the newest are kept
 JSON_COLUMNS = {"gpus": "nodes", "telemetry": "nodes", "workers": "jobs"}
 ACTIVE_STATES = ("queued", "starting", "running")
 JOB_COLUMNS = {"state", "message", "rendezvous", "workers", "memory_used", "memory_peak", "started",
@@ -210,6 +214,18 @@ class Store:
 
     def all_jobs(self) -> list[dict]:
         return self._rows("jobs", "SELECT * FROM jobs ORDER BY id")
+
+    # --- events -------------------------------------------------------------------------------
+    def add_event(self, now: float, kind: str, subject: str, message: str):
+        cur = self.db.execute("INSERT INTO events (time, kind, subject, message) VALUES (?, ?, ?, ?)",
+                              (now, kind, subject, message))
+        # Bounded: a GPU whose temperature hovers at its threshold adds two events a heartbeat.
+        self.db.execute("DELETE FROM events WHERE id <= ?", (cur.lastrowid - MAX_EVENTS,))
+
+    def events(self, limit: int) -> list[dict]:
+        """The newest ``limit`` events, oldest first."""
+        return self._rows("events", "SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?) ORDER BY id",
+                          (limit,))
 
     # --- usage --------------------------------------------------------------------------------
     def add_usage(self, job_id: int, token: str, device_id: int, gpus: int, gpu_seconds: float,

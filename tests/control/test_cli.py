@@ -26,10 +26,10 @@ def device_row(out: str, device_id: int) -> str:
     return next(line for line in out.splitlines() if re.match(rf"\|  [* ] {device_id} ", line))
 
 
-def table_row(out: str, first: str) -> list[str]:
-    """The cells of the row of a moai-admin table (rich's box drawing) whose first cell is ``first``."""
+def table_row(out: str, value: str, column: int = 0) -> list[str]:
+    """The cells of the row of a moai-admin table (rich's box drawing) with ``value`` in ``column``."""
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if "│" in line]
-    return next(r for r in rows if r[0] == first)
+    return next(r for r in rows if r[column] == value)
 
 
 def test_smi_shows_devices_processes_gpus_and_the_switched_model(master, make_node):
@@ -164,3 +164,7 @@ def test_admin_ends_a_job_and_limits_a_token(master, make_node):
     assert ok(master.run_cli("admin", "token", "limit", token, "none")).strip() == \
         "the devices of frank may have any size the cluster holds"
     ok(master.run_cli("switch_model", "2", token=token))
+    listed = ok(master.run_cli("admin", "events", "-n", "3"))
+    shown = [table_row(listed, kind, column=1)[1:] for kind in ("job_ended", "token_limited")]
+    assert shown == [["job_ended", f"job {job}", "of frank, by the administrator"],
+                     ["token_limited", "frank", "at most 1 GPU"]], shown

@@ -21,12 +21,12 @@ FIELD_NAMES = ["job_id", "device_id", "flavor", "all", "pid", "process_name", "h
                "memory_peak", "exit_code", "node", "gpus", "workers", "agent_addr", "worker_host",
                "worker_port_base", "gpu", "rank", "world_size", "job_secret", "rendezvous", "memory_cap",
                "index", "memory", "util", "reason", "user", "id", "seq", "ids", "ops", "tensor", "token",
-               "drained", "max_gpus"]
+               "drained", "max_gpus", "limit"]
 MASTER_TYPES = ["hello", "list_flavors", "list_devices", "add_device", "remove_device", "switch_device",
                 "set_device_flavor", "allocate_job", "job_status", "heartbeat_job", "release_job",
                 "list_processes", "list_physical_gpus", "usage", "register_node", "heartbeat_node",
                 "report_worker_exit", "create_token", "list_tokens", "revoke_token", "drain_node",
-                "limit_token", "list_nodes", "list_all_jobs", "list_usage"]
+                "limit_token", "list_events", "list_nodes", "list_all_jobs", "list_usage"]
 # Not end_job: with the cluster secret a small random job_id may be the job checked afterwards
 # (its bad fields are tested in test_master.py).
 AGENT_TYPES = ["launch_worker", "stop_worker", "node_status"]

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from daemons import wire
+from daemons.master import store as store_module
 from daemons.master.store import Store
 from master_fixture import (CLUSTER_SECRET, HEARTBEAT_TIMEOUT_S, FrontHeartbeat, FrontHeartbeats,  # noqa: F401
                             MasterProcess, make_node, master, wait_until)
@@ -16,6 +17,10 @@ def error_of(client, msg_type, body=None) -> wire.RemoteError:
     with pytest.raises(wire.RemoteError) as info:
         client.call(msg_type, body or {})
     return info.value
+
+
+def events(master) -> list[tuple[str, str, str]]:
+    return [(e["kind"], e["subject"], e["message"]) for e in master.admin().call("list_events")["events"]]
 
 
 def allocate(client, pid=1234):
@@ -179,6 +184,12 @@ def test_lost_node_leaves_the_pool_and_fails_its_jobs(user, master, make_node):
     c.call("set_device_flavor", {"flavor": "Medium"})
     status = c.call("job_status", {"job_id": allocate(c)["job_id"]})
     assert {w["node"] for w in status["workers"]} == {"b"}
+    a.start_heartbeats()  # the node comes back: its heartbeats make it live again
+    wait_until(lambda: {n["node"]: n for n in master.admin().call("list_nodes")["nodes"]}["a"]["alive"], 5,
+               "node a to be live again")
+    assert events(master) == [("node_up", "a", "registered with 1 GPU"), ("node_up", "b", "registered with 2 GPUs"),
+                              ("node_lost", "a", f"node a lost (no heartbeat for {HEARTBEAT_TIMEOUT_S:g} s)"),
+                              ("node_up", "a", "heartbeats again after it was lost")]
 
 
 def test_failed_launch_fails_the_job_and_frees_gpus(user, make_node):
@@ -248,6 +259,7 @@ def test_revoked_token_is_refused_and_its_jobs_end_with_their_usage_kept(master,
     with FrontHeartbeats(master, (alice, a_job["job_id"]), (bob, b_job["job_id"])):
         reply = admin.call("revoke_token", {"token": alice})
         assert reply["user"] == "alice" and reply["ended_jobs"] == [a_job["job_id"]] and reply["revoked"]
+        assert events(master)[-1] == ("token_revoked", "alice", f"jobs ended: {a_job['job_id']}")
         a_worker = next(l["gpu"] for l in node.launched if l["job_id"] == a_job["job_id"])
         wait_until(lambda: {"job_id": a_job["job_id"], "gpu": a_worker} in node.stopped, 5,
                    "stop_worker for the revoked token's worker")
@@ -290,6 +302,7 @@ def test_the_operator_ends_a_job_and_its_gpus_return_to_the_pool(master, make_no
         assert err.code == "not_active" and "already failed: ended by the cluster's administrator" in err.message
         assert error_of(admin, "end_job", {"job_id": 999}).code == "not_found"
         assert a.call("usage")["records"][0]["job_id"] == running["job_id"], "billed up to its end"
+        assert events(master)[-1] == ("job_ended", f"job {running['job_id']}", "of alice, by the administrator")
 
 
 def test_a_token_limited_to_fewer_gpus_cannot_pick_or_run_a_larger_device(master, make_node):
@@ -311,6 +324,7 @@ def test_a_token_limited_to_fewer_gpus_cannot_pick_or_run_a_larger_device(master
     a.call("release_job", {"job_id": job["job_id"]})
     assert {t["user"]: t["max_gpus"] for t in admin.call("list_tokens")["tokens"]} == {"alice": 2}
     admin.call("limit_token", {"token": alice, "max_gpus": None})
+    assert events(master)[-2:] == [("token_limited", "alice", "at most 2 GPUs"), ("token_limited", "alice", "no limit")]
     assert a.call("set_device_flavor", {"flavor": "xLarge"})["device"]["flavor"] == "xLarge.512GB"
     assert error_of(admin, "limit_token", {"token": alice, "max_gpus": 0}).code == "bad_request"
     assert error_of(admin, "limit_token", {"token": "nope", "max_gpus": 1}).code == "not_found"
@@ -338,6 +352,9 @@ def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make
         assert {n["node"]: n for n in admin.call("list_nodes")["nodes"]}["n2"]["drained"]
         assert job_state(a, running["job_id"]) == "running", "a drained node's job goes on"
         assert admin.call("drain_node", {"node": other, "drained": False})["drained"] is False
+        assert events(master)[-3:] == [("node_drained", on, "no new job is placed on it"),
+                                       ("node_drained", other, "no new job is placed on it"),
+                                       ("node_undrained", other, "takes new jobs again")]
         wait_until(lambda: job_state(b, waiting["job_id"]) == "running", 5, "the queued job to start")
         assert b.call("job_status", {"job_id": waiting["job_id"]})["workers"][0]["node"] == other
         assert error_of(admin, "drain_node", {"node": "n9"}).code == "not_found"
@@ -374,6 +391,10 @@ def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master,
         assert free() == 0, "a lost GPU takes no new job"  # the heartbeat that failed the job said so
         log = master.log.read_text()
         assert "node n1 GPU 0: over temperature" in log and "node n1 GPU 0 has no fault any more" in log
+        assert events(master)[1:] == [
+            ("gpu_fault", "n1:0", "over temperature: 93 C, slowdown at 90 C"),
+            ("gpu_ok", "n1:0", "no fault any more (was: over temperature: 93 C, slowdown at 90 C)"),
+            ("gpu_fault", "n1:1", "NVML cannot read the GPU: GPU is lost")]
 
 
 def test_a_database_from_before_the_operator_controls_opens_with_its_records(tmp_path):
@@ -418,7 +439,7 @@ BAD_CLUSTER_REQUESTS = [
     ("register_node", {"node": "x", "agent_addr": "a", "worker_host": "h", "gpus": "four"}),
     ("heartbeat_node", {"node": 5}), ("create_token", {"user": ""}), ("report_worker_exit", {"job_id": "1"}),
     ("list_nodes", "x"), ("revoke_token", {"token": 7}), ("drain_node", {"node": "n1", "drained": "no"}),
-    ("end_job", {"job_id": "1"}), ("limit_token", {"token": "t", "max_gpus": 1.5}),
+    ("end_job", {"job_id": "1"}), ("limit_token", {"token": "t", "max_gpus": 1.5}), ("list_events", {"limit": 0}),
 ]
 
 
@@ -430,3 +451,16 @@ def test_wrong_field_types_are_bad_requests_and_lose_nothing(user, master):
             assert error_of(client, msg_type, body).code == "bad_request", (msg_type, body)
     assert len(c.call("list_devices")["devices"]) == 1
     assert admin.call("list_nodes") == {"nodes": []}
+
+
+def test_the_event_log_keeps_the_newest_events(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_EVENTS", 5)
+    store = Store(tmp_path / "master.db")
+    try:
+        with store.tx():
+            for i in range(12):
+                store.add_event(float(i), "gpu_fault", "n1:0", f"flap {i}")
+        assert [e["message"] for e in store.events(100)] == [f"flap {i}" for i in range(7, 12)]
+        assert [e["message"] for e in store.events(2)] == ["flap 10", "flap 11"], "the newest, oldest first"
+    finally:
+        store.close()
