@@ -195,6 +195,8 @@ class JobManager:
         if not any(w["node"] == node and w["gpu"] == gpu for w in job["workers"]):
             return
         # The agent's reason names the worker's exit status or signal; the job's exit_code is the front's.
+        with self.store.tx():
+            self.store.add_event(now, "worker_failed", f"{node}:{gpu}", f"job {job['id']}: {reason}")
         self.end(job, "failed", f"worker on {node}:{gpu} failed: {reason}", now)
 
 

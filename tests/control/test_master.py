@@ -210,6 +210,7 @@ def test_worker_exit_fails_the_job_with_the_reason(user, master, make_node):
                                                "exit_code": -9, "reason": "killed by the OOM killer"})
     status = c.call("job_status", {"job_id": job["job_id"]})
     assert status["state"] == "failed" and "killed by the OOM killer" in status["message"]
+    assert events(master)[-1] == ("worker_failed", f"n1:{gpu}", f"job {job['job_id']}: killed by the OOM killer")
 
 
 def test_workers_no_live_job_holds_are_stopped_through_their_agent(user, make_node):
