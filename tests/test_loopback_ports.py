@@ -28,3 +28,12 @@ def test_a_block_skips_a_taken_port():
             assert not (other + 100 <= base + 102 < other + 104 or other <= base + 102 < other + 4)
     finally:
         taken.close()
+
+
+def test_blocks_handed_out_never_overlap_though_none_is_bound_yet(monkeypatch):
+    """A test cluster picks every node's worker ports before any worker binds them: a random draw
+    once gave two nodes the bases B and B + 1, and two workers the same port."""
+    start = loopback_ports.free_port_block(2, offsets=(0, 100))
+    draws = iter([start, start + 1, start - 1, start + 100, start + 2])
+    monkeypatch.setattr(loopback_ports.random, "randrange", lambda lo, hi: next(draws))
+    assert loopback_ports.free_port_block(2, offsets=(0, 100)) == start + 2
