@@ -355,7 +355,8 @@ class Master:
         if node is None:
             raise wire.RequestError("not_found", f"node {name} is not registered; send register_node first")
         now = self.clock()
-        telemetry = [g for g in telemetry if isinstance(g, dict)]
+        # An entry that names no GPU is dropped: GPUs are looked up by their index.
+        telemetry = [g for g in telemetry if isinstance(g, dict) and type(g.get("index")) is int]
         self.jobs.note_gpu_health(node, telemetry, now)
         with self.store.tx():
             self.store.node_seen(name, telemetry, now)

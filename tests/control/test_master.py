@@ -398,6 +398,16 @@ def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master,
             ("gpu_fault", "n1:1", "NVML cannot read the GPU: GPU is lost")]
 
 
+def test_telemetry_entries_that_name_no_gpu_are_dropped(master, make_node):
+    node = make_node("n1", 1)
+    node.stop_heartbeats()
+    admin = master.admin()
+    admin.call("heartbeat_node", {"node": "n1", "gpus": [{"index": [0], "fault": "x"}, "hot", {"index": "0"},
+                                                         {"index": 0, "fault": None, "temp_c": 50}]})
+    [shown] = admin.call("list_nodes")["nodes"]
+    assert [g["temp_c"] for g in shown["telemetry"]] == [50] and shown["free"] == 1
+
+
 def test_a_database_from_before_the_operator_controls_opens_with_its_records(tmp_path):
     """A master upgraded in place opens the database the old one wrote: the columns added since
     (tokens.revoked, tokens.max_gpus, nodes.drained) are added to it, and no row is lost."""
