@@ -1,6 +1,6 @@
 """The agent's GPU health checks against NVML. No GPU here: NVML is a stand-in module on the
-path, answering as the driver does for a healthy, a hot and a lost GPU (the only mock of the
-control-plane tests: the part it replaces needs a GPU)."""
+path, answering as the driver does for a healthy, a hot and a lost GPU; the part it replaces
+cannot run without a GPU."""
 import sys
 import textwrap
 
