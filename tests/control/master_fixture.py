@@ -95,6 +95,33 @@ class MasterProcess:
                               capture_output=True, text=True, timeout=timeout_s)
 
 
+class Repeating:
+    """Sends one request every NODE_HEARTBEAT_INTERVAL_S from a thread, on a client of its own,
+    until stopped; while the test restarts the master, beats are only missed."""
+
+    def __init__(self, client_of, send):
+        self._running = threading.Event()
+        self._running.set()
+        self._thread = threading.Thread(target=self._run, args=(client_of, send), daemon=True)
+        self._thread.start()
+
+    def _run(self, client_of, send):
+        client = client_of()
+        try:
+            while self._running.is_set():
+                try:
+                    send(client)
+                except wire.WireError:
+                    pass
+                time.sleep(NODE_HEARTBEAT_INTERVAL_S)
+        finally:
+            client.close()
+
+    def stop(self):
+        self._running.clear()
+        self._thread.join(timeout=5)
+
+
 class FakeNode:
     """A back node as the master sees it: registration, heartbeats, an agent that 'launches'."""
 
@@ -111,8 +138,7 @@ class FakeNode:
                                  name=f"agent-{name}")
         self._agent_thread = threading.Thread(target=self.agent.serve_forever, daemon=True)
         self._agent_thread.start()
-        self._beating = threading.Event()
-        self._beat_thread: threading.Thread | None = None
+        self._heartbeats: Repeating | None = None
 
     def _launch(self, msg):
         if msg.token != CLUSTER_SECRET:
@@ -142,27 +168,13 @@ class FakeNode:
         self.start_heartbeats()
 
     def start_heartbeats(self):
-        self._beating.set()
-        self._beat_thread = threading.Thread(target=self._beat, daemon=True)
-        self._beat_thread.start()
-
-    def _beat(self):
-        cluster = self.master.admin()
-        try:
-            while self._beating.is_set():
-                try:
-                    cluster.call("heartbeat_node", {"node": self.name, "gpus": self.telemetry(),
-                                                    "workers": self.workers}, timeout_s=1.0)
-                except wire.WireError:
-                    pass  # the master is being restarted by the test
-                time.sleep(NODE_HEARTBEAT_INTERVAL_S)
-        finally:
-            cluster.close()
+        self._heartbeats = Repeating(self.master.admin, lambda c: c.call(
+            "heartbeat_node", {"node": self.name, "gpus": self.telemetry(), "workers": self.workers}, timeout_s=1.0))
 
     def stop_heartbeats(self):
-        self._beating.clear()
-        if self._beat_thread:
-            self._beat_thread.join(timeout=5)
+        if self._heartbeats is not None:
+            self._heartbeats.stop()
+            self._heartbeats = None
 
     def close(self):
         self.stop_heartbeats()
@@ -193,32 +205,14 @@ def make_node(master):
         node.close()
 
 
-class FrontHeartbeat:
-    """Keeps a job's front 'alive' (heartbeat_job from a thread) until stopped."""
+class FrontHeartbeat(Repeating):
+    """Keeps a job's front 'alive' (heartbeat_job from a thread) until stopped, reporting
+    ``memory_used`` as it is at each beat."""
 
     def __init__(self, master: MasterProcess, token: str, job_id: int, memory_used: int = 0):
-        self.master, self.token, self.job_id, self.memory_used = master, token, job_id, memory_used
-        self._running = threading.Event()
-        self._running.set()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-
-    def _beat(self):
-        client = self.master.client(self.token, timeout_s=1.0)
-        try:
-            while self._running.is_set():
-                try:
-                    client.call("heartbeat_job", {"job_id": self.job_id, "memory_used": self.memory_used,
-                                                  "memory_peak": self.memory_used})
-                except wire.WireError:
-                    pass  # the master is being restarted by the test
-                time.sleep(NODE_HEARTBEAT_INTERVAL_S)
-        finally:
-            client.close()
-
-    def stop(self):
-        self._running.clear()
-        self._thread.join(timeout=5)
+        self.memory_used = memory_used
+        super().__init__(lambda: master.client(token, timeout_s=1.0), lambda c: c.call(
+            "heartbeat_job", {"job_id": job_id, "memory_used": self.memory_used, "memory_peak": self.memory_used}))
 
 
 class FrontHeartbeats:

@@ -1,6 +1,7 @@
 """The master daemon against real clients: tokens, devices, jobs, queue, liveness, restart."""
 import sqlite3
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -21,6 +22,19 @@ def error_of(client, msg_type, body=None) -> wire.RemoteError:
 
 def events(master) -> list[tuple[str, str, str]]:
     return [(e["kind"], e["subject"], e["message"]) for e in master.admin().call("list_events")["events"]]
+
+
+@contextmanager
+def alice_and_bob_allocate(master):
+    """Two users, each with a client and a job asked for (alice's first), whose fronts heartbeat
+    until the block ends: ``((token, client, job), (token, client, job))``."""
+    users = []
+    for name in ("alice", "bob"):
+        token = master.create_token(name)
+        client = master.client(token)
+        users.append((token, client, allocate(client)))
+    with FrontHeartbeats(master, *((token, job["job_id"]) for token, _, job in users)):
+        yield users
 
 
 def allocate(client, pid=1234):
@@ -253,11 +267,8 @@ def test_master_killed_and_restarted_loses_nothing(master, make_node):
 
 def test_revoked_token_is_refused_and_its_jobs_end_with_their_usage_kept(master, make_node):
     node = make_node("n1", 2)
-    alice, bob = master.create_token("alice"), master.create_token("bob")
-    a, b = master.client(alice), master.client(bob)
-    a_job, b_job = allocate(a), allocate(b)
     admin = master.admin()
-    with FrontHeartbeats(master, (alice, a_job["job_id"]), (bob, b_job["job_id"])):
+    with alice_and_bob_allocate(master) as ((alice, a, a_job), (bob, b, b_job)):
         reply = admin.call("revoke_token", {"token": alice})
         assert reply["user"] == "alice" and reply["ended_jobs"] == [a_job["job_id"]] and reply["revoked"]
         assert events(master)[-1] == ("token_revoked", "alice", f"jobs ended: {a_job['job_id']}")
@@ -287,11 +298,8 @@ def test_revoked_token_is_refused_and_its_jobs_end_with_their_usage_kept(master,
 
 def test_the_operator_ends_a_job_and_its_gpus_return_to_the_pool(master, make_node):
     node = make_node("n1", 1)
-    alice, bob = master.create_token("alice"), master.create_token("bob")
-    a, b = master.client(alice), master.client(bob)
-    running, queued = allocate(a), allocate(b)
     admin = master.admin()
-    with FrontHeartbeats(master, (alice, running["job_id"]), (bob, queued["job_id"])):
+    with alice_and_bob_allocate(master) as ((_, a, running), (_, b, queued)):
         assert queued["state"] == "queued"
         reply = admin.call("end_job", {"job_id": running["job_id"]})
         assert reply["job_id"] == running["job_id"] and reply["user"] == "alice" and reply["gpu_seconds"] > 0
