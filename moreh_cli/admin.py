@@ -11,6 +11,7 @@
     moai-admin job end JOB         end a running or queued job (its GPUs return to the pool)
     moai-admin usage               GPU-seconds used per token
     moai-admin events [-n N]       the last N events: GPU faults, nodes lost and back, operators' actions
+    moai-admin backup PATH         a consistent copy of the master's database, written at PATH on the master
 """
 from __future__ import annotations
 
@@ -125,6 +126,8 @@ COMMANDS = {
     "job end": ("end_job", lambda a: {"job_id": a.job_id}, ended_line),
     "usage": ("list_usage", lambda a: {}, lambda r: usage_table(r["tokens"])),
     "events": ("list_events", lambda a: {"limit": a.limit}, lambda r: events_table(r["events"])),
+    "backup": ("backup_db", lambda a: {"path": a.path},
+               lambda r: f"the master's database was copied to {r['path']} on the master ({r['bytes']} bytes)"),
 }
 
 
@@ -159,6 +162,8 @@ def parse_args(argv):
     command(sub, "usage", "GPU-seconds per token")
     command(sub, "events", "GPU faults, nodes lost and back, and operators' actions").add_argument(
         "-n", "--limit", type=int, default=50, metavar="N", help="the last N (default 50)")
+    command(sub, "backup", "a consistent copy of the master's database at PATH on the master").add_argument(
+        "path", metavar="PATH", help="a new file, absolute, on the master's filesystem")
     return parser.parse_args(argv)
 
 

@@ -11,7 +11,9 @@ import hmac
 import importlib.metadata
 import logging
 import secrets
+import sqlite3
 import time
+from pathlib import Path
 
 from daemons import flavors as flavor_catalog
 from daemons import wire
@@ -92,6 +94,7 @@ class Master:
             "end_job": self.end_job,
             "limit_token": self.limit_token,
             "list_events": self.list_events,
+            "backup_db": self.backup_db,
             "list_nodes": self.list_nodes,
             "list_all_jobs": self.list_all_jobs,
             "list_usage": self.list_usage,
@@ -472,6 +475,23 @@ class Master:
             raise wire.RequestError("bad_request", "limit must be at least 1")
         return {"events": [{k: e[k] for k in ("time", "kind", "subject", "message")}
                            for e in self.store.events(limit)]}
+
+    def backup_db(self, body):
+        """Write a consistent copy of the database to ``path`` on the master's own filesystem
+        (in the containers: a path in the master-db volume); a new file only, never over one."""
+        path = Path(field(body, "path", str))
+        if not path.is_absolute():
+            raise wire.RequestError("bad_request", f"the backup path must be absolute (on the master): {path}")
+        if not path.parent.is_dir():
+            raise wire.RequestError("bad_request", f"no directory {path.parent} on the master")
+        if path.exists():
+            raise wire.RequestError("exists", f"{path} already exists on the master; name a new file")
+        try:
+            self.store.backup(path)
+        except sqlite3.Error as e:
+            raise wire.RequestError("backup_failed", f"cannot write {path}: {e}") from None
+        log.info("database backed up to %s", path)
+        return {"path": str(path), "bytes": path.stat().st_size}
 
     def list_nodes(self, body):
         free, _ = self.jobs.free_gpus()

@@ -75,6 +75,15 @@ class Store:
     def close(self):
         self.db.close()
 
+    def backup(self, path: Path):
+        """A consistent copy of the whole database at ``path``, taken while the master serves
+        (SQLite's online backup): a copy of the files could catch a write half done."""
+        copy = sqlite3.connect(str(path))
+        try:
+            self.db.backup(copy)
+        finally:
+            copy.close()
+
     @contextmanager
     def tx(self):
         """One atomic change; nested blocks join the outermost one."""

@@ -168,3 +168,10 @@ def test_admin_ends_a_job_and_limits_a_token(master, make_node):
     shown = [table_row(listed, kind, column=1)[1:] for kind in ("job_ended", "token_limited")]
     assert shown == [["job_ended", f"job {job}", "of frank, by the administrator"],
                      ["token_limited", "frank", "at most 1 GPU"]], shown
+
+
+def test_admin_backs_up_the_database(master, tmp_path):
+    backup = tmp_path / "master-backup.db"
+    out = ok(master.run_cli("admin", "backup", str(backup))).strip()
+    assert out == f"the master's database was copied to {backup} on the master ({backup.stat().st_size} bytes)"
+    one_line_error(master.run_cli("admin", "backup", str(backup)), "already exists on the master")

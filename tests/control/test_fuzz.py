@@ -27,8 +27,9 @@ MASTER_TYPES = ["hello", "list_flavors", "list_devices", "add_device", "remove_d
                 "list_processes", "list_physical_gpus", "usage", "register_node", "heartbeat_node",
                 "report_worker_exit", "create_token", "list_tokens", "revoke_token", "drain_node",
                 "limit_token", "list_events", "list_nodes", "list_all_jobs", "list_usage"]
-# Not end_job: with the cluster secret a small random job_id may be the job checked afterwards
-# (its bad fields are tested in test_master.py).
+# Not end_job: with the cluster secret a small random job_id may be the job checked afterwards;
+# not backup_db: a random "/name" would write a file at the machine's root (their bad fields are
+# tested in test_master.py).
 AGENT_TYPES = ["launch_worker", "stop_worker", "node_status"]
 # Requests whose answer the worker owes: the streamed ones (run_ops, put, free) answer nothing when
 # accepted, and shutdown would end the test's worker.

@@ -459,6 +459,7 @@ BAD_CLUSTER_REQUESTS = [
     ("heartbeat_node", {"node": 5}), ("create_token", {"user": ""}), ("report_worker_exit", {"job_id": "1"}),
     ("list_nodes", "x"), ("revoke_token", {"token": 7}), ("drain_node", {"node": "n1", "drained": "no"}),
     ("end_job", {"job_id": "1"}), ("limit_token", {"token": "t", "max_gpus": 1.5}), ("list_events", {"limit": 0}),
+    ("backup_db", {"path": 7}), ("backup_db", {}),
 ]
 
 
@@ -470,6 +471,37 @@ def test_wrong_field_types_are_bad_requests_and_lose_nothing(user, master):
             assert error_of(client, msg_type, body).code == "bad_request", (msg_type, body)
     assert len(c.call("list_devices")["devices"]) == 1
     assert admin.call("list_nodes") == {"nodes": []}
+
+
+def test_a_backup_taken_while_serving_restores_a_master_with_every_record(master, make_node, tmp_path):
+    make_node("n1", 1)
+    alice = master.create_token("alice")
+    a = master.client(alice)
+    job = allocate(a)
+    a.call("release_job", {"job_id": job["job_id"]})
+    admin = master.admin()
+    admin.call("revoke_token", {"token": master.create_token("mallory")})
+    backup = tmp_path / "backups" / "master-1.db"
+    backup.parent.mkdir()
+    reply = admin.call("backup_db", {"path": str(backup)})
+    assert reply == {"path": str(backup), "bytes": backup.stat().st_size} and reply["bytes"] > 0
+    assert error_of(admin, "backup_db", {"path": str(backup)}).code == "exists", "never over a file"
+    assert error_of(admin, "backup_db", {"path": "relative.db"}).code == "bad_request"
+    assert error_of(admin, "backup_db", {"path": str(tmp_path / "nowhere" / "b.db")}).code == "bad_request"
+    assert error_of(a, "backup_db", {"path": str(tmp_path / "x.db")}).code == "unauthorized", "the operator's only"
+
+    (tmp_path / "restored").mkdir()
+    restored = MasterProcess(tmp_path / "restored", db_path=str(backup))
+    restored.start()
+    try:
+        r = restored.client(alice)
+        assert r.call("usage") == a.call("usage") and r.call("list_devices") == a.call("list_devices")
+        assert job_state(r, job["job_id"]) == "finished"
+        again = restored.admin()
+        assert again.call("list_tokens") == admin.call("list_tokens")
+        assert again.call("list_events")["events"] == admin.call("list_events")["events"]
+    finally:
+        restored.stop()
 
 
 def test_the_event_log_keeps_the_newest_events(tmp_path, monkeypatch):
