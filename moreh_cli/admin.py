@@ -5,8 +5,8 @@
     moai-admin token revoke TOKEN  refuse the token from now on and end its jobs (usage is kept)
     moai-admin token limit TOKEN N the most GPUs the token's devices may have ("none": no limit)
     moai-admin nodes               back nodes, liveness, free GPUs, GPU telemetry and faults
-    moai-admin node drain NODE     place no new job on NODE (its running jobs go on)
-    moai-admin node undrain NODE   let NODE take jobs again
+    moai-admin node drain NODE[:GPU]    place no new job on NODE, or one GPU of it (running jobs go on)
+    moai-admin node undrain NODE[:GPU]  let it take jobs again
     moai-admin jobs                every job of every user
     moai-admin job end JOB         end a running or queued job (its GPUs return to the pool)
     moai-admin usage               GPU-seconds used per token
@@ -39,7 +39,8 @@ def nodes_table(nodes: list[dict]) -> Table:
         utils = " ".join(str(g.get("util", "-")) for g in gpus) or "-"
         temps = " ".join(str(g.get("temp_c", "-")) for g in gpus) or "-"
         faults = "; ".join(f"GPU {g.get('index')}: {g['fault']}" for g in gpus if g.get("fault")) or "-"
-        table.add_row(n["node"], "yes" if n["alive"] else "LOST", "DRAINED" if n["drained"] else "-",
+        drained = "DRAINED" if n["drained"] else " ".join(f"GPU {g}" for g in n["drained_gpus"]) or "-"
+        table.add_row(n["node"], "yes" if n["alive"] else "LOST", drained,
                       str(n["gpus"]), str(n["free"]),
                       f"{n['last_seen_s']} s ago", utils, temps, faults, n["agent_addr"])
     return table
@@ -70,12 +71,21 @@ def revoked_line(reply: dict) -> str:
 
 
 def drained_line(reply: dict) -> str:
+    what = f"node {reply['node']}" if reply["gpu"] is None else f"GPU {reply['node']}:{reply['gpu']}"
     if not reply["drained"]:
-        return f"node {reply['node']} takes new jobs again"
+        return f"{what} takes new jobs again"
     running = reply["running_jobs"]
     still = (f"jobs {', '.join(map(str, running))} still run there" if running
              else "no job runs there")
-    return f"node {reply['node']} drained: no new job is placed on it; {still}"
+    return f"{what} drained: no new job is placed on it; {still}"
+
+
+def _node_or_gpu(text: str) -> dict:
+    """``NODE`` or ``NODE:GPU`` as the drain_node request names them."""
+    node, colon, gpu = text.rpartition(":")
+    if colon and gpu.isdigit():
+        return {"node": node, "gpu": int(gpu)}
+    return {"node": text}
 
 
 def events_table(events: list[dict]) -> Table:
@@ -120,8 +130,8 @@ COMMANDS = {
     "token revoke": ("revoke_token", lambda a: {"token": a.token}, revoked_line),
     "token limit": ("limit_token", lambda a: {"token": a.token, "max_gpus": a.max_gpus}, limited_line),
     "nodes": ("list_nodes", lambda a: {}, lambda r: nodes_table(r["nodes"])),
-    "node drain": ("drain_node", lambda a: {"node": a.node, "drained": True}, drained_line),
-    "node undrain": ("drain_node", lambda a: {"node": a.node, "drained": False}, drained_line),
+    "node drain": ("drain_node", lambda a: {**a.node, "drained": True}, drained_line),
+    "node undrain": ("drain_node", lambda a: {**a.node, "drained": False}, drained_line),
     "jobs": ("list_all_jobs", lambda a: {}, lambda r: jobs_table(r["jobs"])),
     "job end": ("end_job", lambda a: {"job_id": a.job_id}, ended_line),
     "usage": ("list_usage", lambda a: {}, lambda r: usage_table(r["tokens"])),
@@ -153,8 +163,9 @@ def parse_args(argv):
     command(sub, "nodes", "back nodes and their GPUs")
     node = sub.add_parser("node", help="take a back node out of scheduling and back").add_subparsers(
         dest="verb", required=True)
-    command(node, "drain", "place no new job on NODE; its running jobs go on", "node drain").add_argument("node")
-    command(node, "undrain", "let NODE take new jobs again", "node undrain").add_argument("node")
+    for verb, what in (("drain", "place no new job on NODE, or on its GPU; its running jobs go on"),
+                       ("undrain", "let NODE, or its GPU, take new jobs again")):
+        command(node, verb, what, f"node {verb}").add_argument("node", type=_node_or_gpu, metavar="NODE[:GPU]")
     command(sub, "jobs", "every job of every user")
     job = sub.add_parser("job", help="act on one job").add_subparsers(dest="verb", required=True)
     command(job, "end", "end JOB now: its front stops, its GPUs return to the pool", "job end").add_argument(

@@ -452,22 +452,31 @@ class Master:
         return {"user": user, "max_gpus": max_gpus}
 
     def drain_node(self, body):
-        """``drained: true`` places no new job on the node's GPUs (its running jobs go on), for
-        maintenance or a suspect GPU; ``false`` gives them back to the queue."""
+        """``drained: true`` places no new job on the node's GPUs, or on its GPU ``gpu`` only (its
+        running jobs go on), for maintenance or a suspect GPU; ``false`` gives them back."""
         name = field(body, "node", str)
+        gpu = field(body, "gpu", int, None)
         drained = field(body, "drained", bool, True)
-        if self.store.node(name) is None:
+        node = self.store.node(name)
+        if node is None:
             raise wire.RequestError("not_found", f"no node {name} is registered (see `moai-admin nodes`)")
+        if gpu is not None and gpu not in {g["index"] for g in node["gpus"]}:
+            raise wire.RequestError("not_found", f"node {name} has no GPU {gpu}")
+        subject = name if gpu is None else f"{name}:{gpu}"
         with self.store.tx():
-            self.store.set_node_drained(name, drained)
-            self.store.add_event(self.clock(), "node_drained" if drained else "node_undrained", name,
+            if gpu is None:
+                self.store.set_node_drained(name, drained)
+            else:
+                gpus = set(node["drained_gpus"])
+                self.store.set_drained_gpus(name, sorted(gpus | {gpu} if drained else gpus - {gpu}))
+            self.store.add_event(self.clock(), "drained" if drained else "undrained", subject,
                                  "no new job is placed on it" if drained else "takes new jobs again")
-        log.info("node %s %s", name, "drained" if drained else "takes jobs again")
+        log.info("%s %s", subject, "drained" if drained else "takes jobs again")
         if not drained:
             self.jobs.serve_queue(self.clock())
         running = [j["id"] for j in self.store.jobs(HOLDING_STATES)
-                   if any(w["node"] == name for w in j["workers"])]
-        return {"node": name, "drained": drained, "running_jobs": running}
+                   if any(w["node"] == name and gpu in (None, w["gpu"]) for w in j["workers"])]
+        return {"node": name, "gpu": gpu, "drained": drained, "running_jobs": running}
 
     def list_events(self, body):
         limit = field(body, "limit", int, 100)
@@ -497,7 +506,8 @@ class Master:
         free, _ = self.jobs.free_gpus()
         now = self.clock()
         return {"nodes": [{"node": n["name"], "agent_addr": n["agent_addr"], "worker_host": n["worker_host"],
-                           "alive": bool(n["alive"]), "drained": bool(n["drained"]), "gpus": len(n["gpus"]),
+                           "alive": bool(n["alive"]), "drained": bool(n["drained"]),
+                           "drained_gpus": n["drained_gpus"], "gpus": len(n["gpus"]),
                            "free": len(free.get(n["name"], [])),
                            "last_seen_s": round(now - n["last_seen"], 1), "telemetry": n["telemetry"]}
                           for n in self.store.nodes()]}

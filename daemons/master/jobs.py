@@ -31,12 +31,13 @@ class JobManager:
 
     # --- capacity -----------------------------------------------------------------------------
     def free_gpus(self) -> tuple[scheduler.FreeGpus, int]:
-        """Free GPUs of each live node, and the number of GPUs of all live nodes. A drained node,
-        and a GPU whose last telemetry names a fault, count in the total but are not free: no new
-        job goes there."""
+        """Free GPUs of each live node, and the number of GPUs of all live nodes. A drained node
+        or GPU, and a GPU whose last telemetry names a fault, count in the total but are not free:
+        no new job goes there."""
         live = [n for n in self.store.nodes() if n["alive"]]
         total = sum(len(n["gpus"]) for n in live)
-        free = {n["name"]: {g["index"] for g in n["gpus"]} - faulty_gpus(n) for n in live if not n["drained"]}
+        free = {n["name"]: {g["index"] for g in n["gpus"]} - faulty_gpus(n) - set(n["drained_gpus"])
+                for n in live if not n["drained"]}
         for job in self.store.jobs(HOLDING_STATES):
             for w in job["workers"]:
                 free.get(w["node"], set()).discard(w["gpu"])

@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, agent_addr TEXT NOT NULL, worker_host TEXT NOT NULL,
     worker_port_base INTEGER NOT NULL, gpus TEXT NOT NULL, telemetry TEXT NOT NULL,
     registered REAL NOT NULL, last_seen REAL NOT NULL, alive INTEGER NOT NULL,
-    drained INTEGER NOT NULL DEFAULT 0); -- the operator's: no new job is placed on its GPUs
+    drained INTEGER NOT NULL DEFAULT 0, -- the operator's: no new job is placed on its GPUs ...
+    drained_gpus TEXT NOT NULL DEFAULT '[]');  -- ... or on these of its GPUs
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL, device_id INTEGER NOT NULL,
     flavor INTEGER NOT NULL, gpus INTEGER NOT NULL, pid INTEGER, process_name TEXT, hostname TEXT,
@@ -43,9 +44,10 @@ CREATE TABLE IF NOT EXISTS usage (
 # Columns added after the first release, with their definitions: a database made before them gets
 # them at open (ALTER TABLE), so an upgraded master keeps its records.
 ADDED_COLUMNS = {("tokens", "revoked"): "REAL", ("tokens", "max_gpus"): "INTEGER",
-                 ("nodes", "drained"): "INTEGER NOT NULL DEFAULT 0"}
+                 ("nodes", "drained"): "INTEGER NOT NULL DEFAULT 0",
+                 ("nodes", "drained_gpus"): "TEXT NOT NULL DEFAULT '[]'"}
 MAX_EVENTS = 10000                      # the newest are kept
-JSON_COLUMNS = {"gpus": "nodes", "telemetry": "nodes", "workers": "jobs"}
+JSON_COLUMNS = {"gpus": "nodes", "telemetry": "nodes", "drained_gpus": "nodes", "workers": "jobs"}
 ACTIVE_STATES = ("queued", "starting", "running")
 JOB_COLUMNS = {"state", "message", "rendezvous", "workers", "memory_used", "memory_peak", "started",
                "ended", "last_heartbeat", "exit_code"}
@@ -181,6 +183,9 @@ class Store:
 
     def set_node_drained(self, name: str, drained: bool):
         self.db.execute("UPDATE nodes SET drained = ? WHERE name = ?", (int(drained), name))
+
+    def set_drained_gpus(self, name: str, gpus: list[int]):
+        self.db.execute("UPDATE nodes SET drained_gpus = ? WHERE name = ?", (json.dumps(gpus), name))
 
     def set_node_lost(self, name: str):
         self.db.execute("UPDATE nodes SET alive = 0 WHERE name = ?", (name,))

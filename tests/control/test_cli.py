@@ -145,6 +145,10 @@ def test_admin_revokes_a_token_and_drains_a_node(master, make_node):
     assert ok(master.run_cli("admin", "node", "undrain", "back7")).strip() == "node back7 takes new jobs again"
     assert table_row(ok(master.run_cli("admin", "nodes")), "back7")[1:5] == ["yes", "-", "1", "1"]
     one_line_error(master.run_cli("admin", "node", "drain", "back9"), "no node back9 is registered")
+    gpu = ok(master.run_cli("admin", "node", "drain", "back7:0")).strip()
+    assert gpu == "GPU back7:0 drained: no new job is placed on it; no job runs there"
+    assert table_row(ok(master.run_cli("admin", "nodes")), "back7")[1:5] == ["yes", "GPU 0", "1", "0"]
+    assert ok(master.run_cli("admin", "node", "undrain", "back7:0")).strip() == "GPU back7:0 takes new jobs again"
 
 
 def test_admin_ends_a_job_and_limits_a_token(master, make_node):

@@ -350,7 +350,8 @@ def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make
         on = a.call("job_status", {"job_id": running["job_id"]})["workers"][0]["node"]
         other = "n2" if on == "n1" else "n1"
         assert admin.call("drain_node", {"node": on})["running_jobs"] == [running["job_id"]]
-        assert admin.call("drain_node", {"node": other}) == {"node": other, "drained": True, "running_jobs": []}
+        assert admin.call("drain_node", {"node": other}) == {"node": other, "gpu": None, "drained": True,
+                                                             "running_jobs": []}
         waiting = allocate(b)
         beats.add(bob, waiting["job_id"])
         assert waiting["state"] == "queued", "both nodes drained: the free GPU is not handed out"
@@ -361,12 +362,33 @@ def test_a_drained_node_takes_no_new_job_and_its_running_jobs_go_on(master, make
         assert {n["node"]: n for n in admin.call("list_nodes")["nodes"]}["n2"]["drained"]
         assert job_state(a, running["job_id"]) == "running", "a drained node's job goes on"
         assert admin.call("drain_node", {"node": other, "drained": False})["drained"] is False
-        assert events(master)[-3:] == [("node_drained", on, "no new job is placed on it"),
-                                       ("node_drained", other, "no new job is placed on it"),
-                                       ("node_undrained", other, "takes new jobs again")]
+        assert events(master)[-3:] == [("drained", on, "no new job is placed on it"),
+                                       ("drained", other, "no new job is placed on it"),
+                                       ("undrained", other, "takes new jobs again")]
         wait_until(lambda: job_state(b, waiting["job_id"]) == "running", 5, "the queued job to start")
         assert b.call("job_status", {"job_id": waiting["job_id"]})["workers"][0]["node"] == other
         assert error_of(admin, "drain_node", {"node": "n9"}).code == "not_found"
+
+
+def test_one_drained_gpu_takes_no_new_job_and_the_others_do(master, make_node):
+    make_node("n1", 2)
+    admin = master.admin()
+    alice = master.create_token("alice")
+    a = master.client(alice)
+    reply = admin.call("drain_node", {"node": "n1", "gpu": 0})
+    assert reply == {"node": "n1", "gpu": 0, "drained": True, "running_jobs": []}
+    [shown] = admin.call("list_nodes")["nodes"]
+    assert (shown["drained"], shown["drained_gpus"], shown["free"]) == (False, [0], 1)
+    job = allocate(a)
+    with FrontHeartbeats(master, (alice, job["job_id"])):
+        assert a.call("job_status", {"job_id": job["job_id"]})["workers"][0]["gpu"] == 1
+        assert admin.call("drain_node", {"node": "n1", "gpu": 1})["running_jobs"] == [job["job_id"]]
+        assert admin.call("drain_node", {"node": "n1", "gpu": 0, "drained": False})["drained"] is False
+        assert admin.call("list_nodes")["nodes"][0]["drained_gpus"] == [1]
+        assert events(master)[-3:] == [("drained", "n1:0", "no new job is placed on it"),
+                                       ("drained", "n1:1", "no new job is placed on it"),
+                                       ("undrained", "n1:0", "takes new jobs again")]
+        assert error_of(admin, "drain_node", {"node": "n1", "gpu": 5}).code == "not_found"
 
 
 def test_a_gpu_with_a_fault_gets_no_new_job_and_a_lost_gpu_fails_its_job(master, make_node):
@@ -418,7 +440,8 @@ def test_telemetry_entries_that_name_no_gpu_are_dropped(master, make_node):
 
 def test_a_database_from_before_the_operator_controls_opens_with_its_records(tmp_path):
     """A master upgraded in place opens the database the old one wrote: the columns added since
-    (tokens.revoked, tokens.max_gpus, nodes.drained) are added to it, and no row is lost."""
+    (tokens.revoked, tokens.max_gpus, nodes.drained, nodes.drained_gpus) are added to it, and no row
+    is lost."""
     old = sqlite3.connect(tmp_path / "master.db")
     old.executescript(
         "CREATE TABLE tokens (token TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL,"
@@ -434,7 +457,7 @@ def test_a_database_from_before_the_operator_controls_opens_with_its_records(tmp
     try:
         old_token = store.token("t0k3n")
         assert (old_token["user"], old_token["revoked"], old_token["max_gpus"]) == ("dave", None, None)
-        assert store.node("n1")["drained"] == 0
+        assert store.node("n1")["drained"] == 0 and store.node("n1")["drained_gpus"] == []
         with store.tx():
             store.revoke_token("t0k3n", 2.0)
             store.set_node_drained("n1", True)
