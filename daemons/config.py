@@ -25,6 +25,7 @@ class Settings:
     master_bind: str = "tcp://127.0.0.1:5670"       # address the master binds
     state_dir: str = "~/.moai"                      # token file, embedded stack's DB and logs
     db_path: str = "~/.moai/master.db"              # the master's SQLite database
+    metrics_bind: str = ""                          # host:port of the master's Prometheus /metrics; "": off
 
     # --- who may talk -----------------------------------------------------------------------------
     token: str = ""                                 # the user's token (else read from token_file)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from daemons import config, wire
+from daemons.master import metrics
 from daemons.master.agents import AgentLink
 from daemons.master.handlers import Master
 from daemons.master.store import Store
@@ -14,7 +15,19 @@ log = logging.getLogger("moai.master")
 TICK_INTERVAL_S = 0.1
 
 
-def build(settings: config.Settings) -> tuple[Master, wire.Server]:
+def start_exporter(settings: config.Settings) -> metrics.Exporter | None:
+    """The /metrics server, or None when it is off or its address cannot be bound: monitoring is
+    not worth failing the control plane for."""
+    if not settings.metrics_bind:
+        return None
+    try:
+        return metrics.Exporter(settings.metrics_bind)
+    except (OSError, ValueError) as e:
+        log.error("metrics are off: cannot serve at %r: %s", settings.metrics_bind, e)
+        return None
+
+
+def build(settings: config.Settings) -> tuple[Master, wire.Server, metrics.Exporter | None]:
     store = Store(settings.path("db_path"))
     agents = AgentLink(settings.cluster_secret, settings.agent_call_timeout_s,
                        settings.worker_start_timeout_s + settings.agent_call_timeout_s)
@@ -23,20 +36,29 @@ def build(settings: config.Settings) -> tuple[Master, wire.Server]:
     with store.tx():
         store.refresh_liveness(now)
     master.jobs.recover(now)
+    exporter = start_exporter(settings)
+
+    def tick():
+        master.tick()
+        if exporter is not None:
+            exporter.refresh(master.clock(), lambda: metrics.render(store, master.jobs.free_gpus()[0]))
+
     server = wire.Server(settings.master_bind, master.handlers(), name="master",
-                         tick=master.tick, tick_interval_s=TICK_INTERVAL_S)
+                         tick=tick, tick_interval_s=TICK_INTERVAL_S)
     master.server = server
-    return master, server
+    return master, server, exporter
 
 
 def serve(settings: config.Settings):
     """Serve until SIGTERM/SIGINT, then close the database."""
-    master, server = build(settings)
+    master, server, exporter = build(settings)
     server.install_signal_handlers()
     log.info("master serving at %s, database %s", server.address, settings.path("db_path"))
     try:
         server.serve_forever()
     finally:
+        if exporter is not None:
+            exporter.close()
         master.jobs.agents.close()
         master.store.close()
         log.info("master stopped")

@@ -226,6 +226,13 @@ class Store:
             args.append(token)
         return self._rows("jobs", sql + " ORDER BY id", args)
 
+    def job_counts(self, states) -> dict[str, int]:
+        """How many jobs are in each of ``states`` (0 included)."""
+        marks = ", ".join("?" * len(states))
+        counts = dict(self.db.execute(f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({marks}) GROUP BY state",
+                                      list(states)).fetchall())
+        return {s: counts.get(s, 0) for s in states}
+
     def all_jobs(self) -> list[dict]:
         return self._rows("jobs", "SELECT * FROM jobs ORDER BY id")
 
