@@ -32,8 +32,11 @@ def test_a_block_skips_a_taken_port():
 
 def test_blocks_handed_out_never_overlap_though_none_is_bound_yet(monkeypatch):
     """A test cluster picks every node's worker ports before any worker binds them: a random draw
-    once gave two nodes the bases B and B + 1, and two workers the same port."""
-    start = loopback_ports.free_port_block(2, offsets=(0, 100))
-    draws = iter([start, start + 1, start - 1, start + 100, start + 2])
+    once gave two nodes the bases B and B + 1, and two workers the same port. The draws are forced
+    here, and every port reads as free, as the ports of daemons not started yet do."""
+    monkeypatch.setattr(loopback_ports, "_handed_out", set())
+    monkeypatch.setattr(loopback_ports, "_all_free", lambda ports: True)
+    draws = iter([20000, 20001, 19999, 20100, 20002])
     monkeypatch.setattr(loopback_ports.random, "randrange", lambda lo, hi: next(draws))
-    assert loopback_ports.free_port_block(2, offsets=(0, 100)) == start + 2
+    assert loopback_ports.free_port_block(2, offsets=(0, 100)) == 20000
+    assert loopback_ports.free_port_block(2, offsets=(0, 100)) == 20002
