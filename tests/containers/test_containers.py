@@ -237,6 +237,16 @@ def test_back_nodes_register_with_the_master(compose_cluster):
         wait_until(running, SUPERVISOR_RUNNING_TIMEOUT_S, f"supervisorctl status {program} in {service}: RUNNING",
                    interval_s=0.5)
 
+    # The master's Prometheus endpoint, as a scraper on the cluster's network reaches it.
+    scrape = ["python", "-c", "import urllib.request as u; "
+              "print(u.urlopen('http://master:9670/metrics', timeout=5).read().decode())"]
+
+    def metrics_list_the_nodes():
+        code, out = compose_cluster.container(BACK_NODES[0]).exec_run(scrape)
+        return code == 0 and all(f'moai_node_up{{node="{name}"}} 1' in out.decode() for name in BACK_NODES)
+    wait_until(metrics_list_the_nodes, SUPERVISOR_RUNNING_TIMEOUT_S, "the master's /metrics to list the nodes",
+               interval_s=0.5)
+
 
 @pytest.mark.timeout(FRONT_TIMEOUT_S + 60)
 def test_moreh_smi_in_a_front_container_lists_the_device(compose_cluster, user_token, tmp_path):
