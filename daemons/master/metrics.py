@@ -108,10 +108,11 @@ class Exporter:
         log.info("metrics at http://%s:%s/metrics", host or "0.0.0.0", self.server.server_address[1])
 
     def refresh(self, now: float, render_text):
-        """Render again (``render_text()``) if the last text is RENDER_INTERVAL_S old."""
+        """Render again (``render_text()``) if the last text is RENDER_INTERVAL_S old. A render
+        that raises is tried again after the same interval, not at every tick of the loop."""
         if now - self._rendered_at >= RENDER_INTERVAL_S:
-            self.text = render_text()
             self._rendered_at = now
+            self.text = render_text()
 
     def close(self):
         self.server.shutdown()
