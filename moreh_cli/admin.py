@@ -10,7 +10,8 @@
     moai-admin jobs                every job of every user
     moai-admin job end JOB         end a running or queued job (its GPUs return to the pool)
     moai-admin usage               GPU-seconds used per token
-    moai-admin events [-n N]       the last N events: GPU faults, nodes lost and back, operators' actions
+    moai-admin events [-n N] [SUBJECT]  the last N events (of a node, NODE:GPU, user): GPU faults, nodes
+                                   lost and back, operators' actions
     moai-admin backup PATH         a consistent copy of the master's database, written at PATH on the master
 """
 from __future__ import annotations
@@ -135,7 +136,8 @@ COMMANDS = {
     "jobs": ("list_all_jobs", lambda a: {}, lambda r: jobs_table(r["jobs"])),
     "job end": ("end_job", lambda a: {"job_id": a.job_id}, ended_line),
     "usage": ("list_usage", lambda a: {}, lambda r: usage_table(r["tokens"])),
-    "events": ("list_events", lambda a: {"limit": a.limit}, lambda r: events_table(r["events"])),
+    "events": ("list_events", lambda a: {"limit": a.limit, "subject": a.subject},
+               lambda r: events_table(r["events"])),
     "backup": ("backup_db", lambda a: {"path": a.path},
                lambda r: f"the master's database was copied to {r['path']} on the master ({r['bytes']} bytes)"),
 }
@@ -171,8 +173,10 @@ def parse_args(argv):
     command(job, "end", "end JOB now: its front stops, its GPUs return to the pool", "job end").add_argument(
         "job_id", type=int, metavar="JOB")
     command(sub, "usage", "GPU-seconds per token")
-    command(sub, "events", "GPU faults, nodes lost and back, and operators' actions").add_argument(
-        "-n", "--limit", type=int, default=50, metavar="N", help="the last N (default 50)")
+    events = command(sub, "events", "GPU faults, nodes lost and back, and operators' actions")
+    events.add_argument("-n", "--limit", type=int, default=50, metavar="N", help="the last N (default 50)")
+    events.add_argument("subject", nargs="?", metavar="SUBJECT",
+                        help="only those of a node (its GPUs' too), a NODE:GPU, a user or 'job N'")
     command(sub, "backup", "a consistent copy of the master's database at PATH on the master").add_argument(
         "path", metavar="PATH", help="a new file, absolute, on the master's filesystem")
     return parser.parse_args(argv)

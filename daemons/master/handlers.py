@@ -483,7 +483,7 @@ class Master:
         if limit < 1:
             raise wire.RequestError("bad_request", "limit must be at least 1")
         return {"events": [{k: e[k] for k in ("time", "kind", "subject", "message")}
-                           for e in self.store.events(limit)]}
+                           for e in self.store.events(limit, field(body, "subject", str, None))]}
 
     def backup_db(self, body):
         """Write a consistent copy of the database to ``path`` on the master's own filesystem

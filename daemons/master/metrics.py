@@ -62,6 +62,10 @@ def render(store: Store, free: dict[str, list[int]]) -> str:
     for n in nodes:
         for g in n["telemetry"]:
             fault.add(1 if g.get("fault") else 0, node=n["name"], gpu=g.get("index"))
+    gpu_drained = _Family(lines, "moai_gpu_drained", "gauge", "1 while no new job is placed on the GPU alone")
+    for n in nodes:
+        for g in n["gpus"]:
+            gpu_drained.add(1 if g["index"] in n["drained_gpus"] else 0, node=n["name"], gpu=g["index"])
     jobs = _Family(lines, "moai_jobs", "gauge", "jobs queued, starting and running now")
     for state, count in store.job_counts(ACTIVE_STATES).items():
         jobs.add(count, state=state)

@@ -243,10 +243,15 @@ class Store:
         # Bounded: a GPU whose temperature hovers at its threshold adds two events a heartbeat.
         self.db.execute("DELETE FROM events WHERE id <= ?", (cur.lastrowid - MAX_EVENTS,))
 
-    def events(self, limit: int) -> list[dict]:
-        """The newest ``limit`` events, oldest first."""
-        return self._rows("events", "SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?) ORDER BY id",
-                          (limit,))
+    def events(self, limit: int, about: str | None = None) -> list[dict]:
+        """The newest ``limit`` events, oldest first; with ``about``, only those of that subject (a
+        user, ``job N``, a node, or ``node:gpu``), a node's including its GPUs'."""
+        where, args = "", [limit]
+        if about is not None:
+            # instr, not LIKE: a node name may hold LIKE's wildcards.
+            where, args = "WHERE subject = ? OR instr(subject, ?) = 1", [about, about + ":", limit]
+        return self._rows("events", f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?)"
+                                    " ORDER BY id", args)
 
     # --- usage --------------------------------------------------------------------------------
     def add_usage(self, job_id: int, token: str, device_id: int, gpus: int, gpu_seconds: float,

@@ -170,6 +170,8 @@ def test_admin_ends_a_job_and_limits_a_token(master, make_node):
     ok(master.run_cli("switch_model", "2", token=token))
     listed = ok(master.run_cli("admin", "events", "-n", "3"))
     shown = [table_row(listed, kind, column=1)[1:] for kind in ("job_ended", "token_limited")]
+    about_the_job = ok(master.run_cli("admin", "events", f"job {job}"))
+    assert table_row(about_the_job, f"job {job}", column=2)[1] == "job_ended" and "token_limited" not in about_the_job
     assert shown == [["job_ended", f"job {job}", "of frank, by the administrator"],
                      ["token_limited", "frank", "at most 1 GPU"]], shown
 

@@ -388,6 +388,11 @@ def test_one_drained_gpu_takes_no_new_job_and_the_others_do(master, make_node):
         assert events(master)[-3:] == [("drained", "n1:0", "no new job is placed on it"),
                                        ("drained", "n1:1", "no new job is placed on it"),
                                        ("undrained", "n1:0", "takes new jobs again")]
+        one_gpu = admin.call("list_events", {"subject": "n1:0"})["events"]
+        assert [(e["kind"], e["subject"]) for e in one_gpu] == [("drained", "n1:0"), ("undrained", "n1:0")]
+        node_wide = admin.call("list_events", {"subject": "n1", "limit": 2})["events"]
+        assert [e["subject"] for e in node_wide] == ["n1:1", "n1:0"], "the node's newest, its GPUs' too"
+        assert admin.call("list_events", {"subject": "n"})["events"] == [], "a whole name, not a prefix"
         assert error_of(admin, "drain_node", {"node": "n1", "gpu": 5}).code == "not_found"
 
 
@@ -482,7 +487,7 @@ BAD_CLUSTER_REQUESTS = [
     ("heartbeat_node", {"node": 5}), ("create_token", {"user": ""}), ("report_worker_exit", {"job_id": "1"}),
     ("list_nodes", "x"), ("revoke_token", {"token": 7}), ("drain_node", {"node": "n1", "drained": "no"}),
     ("end_job", {"job_id": "1"}), ("limit_token", {"token": "t", "max_gpus": 1.5}), ("list_events", {"limit": 0}),
-    ("backup_db", {"path": 7}), ("backup_db", {}),
+    ("backup_db", {"path": 7}), ("backup_db", {}), ("list_events", {"subject": 1}),
 ]
 
 

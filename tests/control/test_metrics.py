@@ -60,6 +60,10 @@ def test_metrics_follow_nodes_gpus_jobs_and_usage(metrics_master):
             assert m['moai_gpu_temperature_celsius{node="n1",gpu="0"}'] == 40
             assert m['moai_gpu_fault{node="n1",gpu="0"}'] == 0
             assert m['moai_jobs{state="queued"}'] == 0
+            assert m['moai_gpu_drained{node="n1",gpu="0"}'] == 0
+            metrics_master.admin().call("drain_node", {"node": "n1", "gpu": 0})
+            wait_until(lambda: scrape(port).get('moai_gpu_drained{node="n1",gpu="0"}') == 1, 10,
+                       "the drained GPU in the metrics")
         a.call("release_job", {"job_id": job["job_id"]})
         wait_until(lambda: scrape(port).get('moai_jobs_ended_total{state="finished"}') == 1, 10,
                    "the ended job in the metrics")
