@@ -117,8 +117,7 @@ class Job:
             try:
                 status = self._master.call("job_status", {"job_id": self.id}, timeout_s=1.0)
             except wire.RemoteError as e:  # refused: our token was revoked, which ended the job
-                self.failure = f"the master ended job {self.id}: {e.message}"
-                break
+                status = {"state": "failed", "message": e.message}
             except wire.WireError:
                 break
             if status["state"] in ENDED_STATES:
