@@ -405,19 +405,19 @@ class Master:
         row = self.store.token(token)
         if row is None:
             raise wire.RequestError("not_found", "no such token (list them with `moai-admin token list`)")
+        if row["revoked"] is not None:  # revoked before: its jobs ended then
+            return {"user": row["user"], "revoked": row["revoked"], "ended_jobs": []}
         now = self.clock()
-        ended = []
-        if row["revoked"] is None:
-            jobs = self.store.jobs(ACTIVE_STATES, token=token)
-            ended = [job["id"] for job in jobs]
-            with self.store.tx():
-                self.store.revoke_token(token, now)
-                self.store.add_event(now, "token_revoked", row["user"],
-                                     f"jobs ended: {', '.join(map(str, ended)) or 'none'}")
-            for job in jobs:
-                self.jobs.end(job, "failed", "its token was revoked by the cluster's administrator", now)
-            log.info("token of %s revoked; jobs ended: %s", row["user"], ended or "none")
-        return {"user": row["user"], "revoked": self.store.token(token)["revoked"], "ended_jobs": ended}
+        jobs = self.store.jobs(ACTIVE_STATES, token=token)
+        ended = [job["id"] for job in jobs]
+        with self.store.tx():
+            self.store.revoke_token(token, now)
+            self.store.add_event(now, "token_revoked", row["user"],
+                                 f"jobs ended: {', '.join(map(str, ended)) or 'none'}")
+        for job in jobs:
+            self.jobs.end(job, "failed", "its token was revoked by the cluster's administrator", now)
+        log.info("token of %s revoked; jobs ended: %s", row["user"], ended or "none")
+        return {"user": row["user"], "revoked": now, "ended_jobs": ended}
 
     def end_job(self, body):
         """The operator ends a job (a runaway, a GPU needed elsewhere): its front stops with this
