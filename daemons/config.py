@@ -33,6 +33,9 @@ class Settings:
     cluster_secret: str = "moai-dev-secret"         # agents and admin tools present this to the master
     max_devices_per_token: int = 4
 
+    # --- front ------------------------------------------------------------------------------------
+    remote_backward: bool = True                    # a one-worker job's loss.backward() runs on the worker
+
     # --- flavors ----------------------------------------------------------------------------------
     gpu_unit_gb: int = 64                           # memory of one flavor unit (one physical GPU)
     default_flavor: str = "Small"                   # size of the device a new token starts with

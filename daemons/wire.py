@@ -18,7 +18,8 @@ Inside ``body`` a tensor or array is a msgpack ext value (``EXT_TENSOR`` / ``EXT
 payload is ``[dtype, shape, frame_index]``: the bytes travel as their own frame, sent with
 ``copy=False`` and received without a copy (``torch.frombuffer`` over the zmq frame).
 Other ext values carry torch scalars types that appear in op arguments (dtype, device, layout,
-memory format, complex numbers, tuples) and ``RemoteRef`` (a handle to a tensor living on a worker).
+memory format, complex numbers, tuples), ``RemoteRef`` (a handle to a tensor living on a worker)
+and ``LeafRef`` (the same handle, naming the tensor as a leaf of the worker's autograd graph).
 
 Replies reuse the request's ``id`` and have ``type`` ``"ok"`` or ``"error"``; an error body is
 ``{"code": str, "message": str}``. Malformed input never raises out of a server loop: it is
@@ -67,6 +68,7 @@ EXT_MEMORY_FORMAT = 6
 EXT_COMPLEX = 7
 EXT_TUPLE = 8
 EXT_REMOTE_REF = 9
+EXT_LEAF_REF = 10
 
 
 class WireError(Exception):
@@ -114,13 +116,33 @@ class RemoteRef:
         return f"RemoteRef(id={self.id})"
 
 
-def packed_ref(tid: int) -> msgpack.ExtType:
-    """``RemoteRef(tid)`` already in the form the packer writes, which msgpack packs without a
-    ``default`` call: a sender naming one tensor in many records (the front's op stream) makes it
-    once per tensor. It decodes as ``RemoteRef(tid)``."""
+class LeafRef(RemoteRef):
+    """A parameter as an op of the forward pass names it: a worker runs the op on a leaf of its
+    own autograd graph sharing the tensor's storage, so that it can run the backward itself
+    (docs/PROTOCOL.md, ``moai::backward``)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return type(other) is LeafRef and other.id == self.id
+
+    def __hash__(self):
+        return hash((LeafRef, self.id))
+
+    def __repr__(self):
+        return f"LeafRef(id={self.id})"
+
+
+_REF_TYPES = {EXT_REMOTE_REF: RemoteRef, EXT_LEAF_REF: LeafRef}
+
+
+def packed_ref(tid: int, leaf: bool = False) -> msgpack.ExtType:
+    """``RemoteRef(tid)`` (``LeafRef(tid)`` with ``leaf``) already in the form the packer writes,
+    which msgpack packs without a ``default`` call: a sender naming one tensor in many records
+    (the front's op stream) makes it once per tensor."""
     # tuple.__new__: ExtType's own __new__ re-checks in Python the two types known here, which
     # took a third of this function's time (the front makes one ref per tensor it creates).
-    return tuple.__new__(msgpack.ExtType, (EXT_REMOTE_REF, _INT_PACKER.pack(tid)))
+    return tuple.__new__(msgpack.ExtType, (EXT_LEAF_REF if leaf else EXT_REMOTE_REF, _INT_PACKER.pack(tid)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +209,7 @@ class _Packer:
 
     def default(self, obj):
         if isinstance(obj, RemoteRef):  # first: op streams are mostly references
-            return packed_ref(obj.id)
+            return packed_ref(obj.id, type(obj) is LeafRef)
         torch = _loaded_torch()
         if torch is not None:
             if isinstance(obj, torch.Tensor):
@@ -236,10 +258,11 @@ class _Unpacker:
         return _view(self.frames[idx])
 
     def ext_hook(self, code, data):
-        if code == EXT_REMOTE_REF and len(data) == 1 and data[0] < 0x80:
-            return RemoteRef(data[0])  # a positive fixint: the first 127 ids, read in place
-        if code == EXT_REMOTE_REF and data and _UINT_WIDTHS.get(data[0]) == len(data):
-            return RemoteRef(int.from_bytes(data[1:], "big"))  # msgpack's uint 8/16/32/64
+        ref = _REF_TYPES.get(code)
+        if ref is not None and len(data) == 1 and data[0] < 0x80:
+            return ref(data[0])  # a positive fixint: the first 127 ids, read in place
+        if ref is not None and data and _UINT_WIDTHS.get(data[0]) == len(data):
+            return ref(int.from_bytes(data[1:], "big"))  # msgpack's uint 8/16/32/64
         try:
             if code == EXT_TENSOR:
                 dtype_name, shape, idx = msgpack.unpackb(data)
@@ -261,11 +284,11 @@ class _Unpacker:
                 return complex(re, im)
             if code == EXT_TUPLE:
                 return tuple(self.unpack(data))
-            if code == EXT_REMOTE_REF:
-                ref = msgpack.unpackb(data)
-                if not isinstance(ref, int):
+            if ref is not None:
+                tid = msgpack.unpackb(data)
+                if not isinstance(tid, int):
                     raise ProtocolError("remote reference is not an integer")
-                return RemoteRef(ref)
+                return ref(tid)
         except ProtocolError:
             raise
         except Exception as e:

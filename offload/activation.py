@@ -7,7 +7,7 @@ and opens no socket.
 """
 from __future__ import annotations
 
-from offload import autocast, cuda_facade, device, device_mapping, dispatch, serialization
+from offload import autocast, cuda_facade, device, device_mapping, dispatch, remote_backward, serialization
 
 _active = False
 
@@ -24,6 +24,7 @@ def activate():
     autocast.install()
     serialization.install()
     dispatch.install_upload_hints()
+    remote_backward.install()
     _active = True
 
 

@@ -491,7 +491,8 @@ def alias(func, args, kwargs):
     """The same remote tensor under a second wrapper: a worker's tensors carry no autograd
     history, so it needs no op (autograd saves its tensors through detach, tens a step)."""
     src = args[0]
-    return RemoteTensor(func(src._meta), src._handle)
+    # The plain handle: a parameter's alias (``.data``, ``detach``) is no leaf of any graph.
+    return RemoteTensor(func(src._meta), src._handle.plain)
 
 
 @DISPATCHER.rule(aten._local_scalar_dense.default)

@@ -28,7 +28,11 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, input, weight, bias):
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
-        return _FUSED(input, weight, bias)
+        # Recorded in grad mode, as the program's op was: a worker running the backward itself
+        # (offload/remote_backward.py) must record this op in its graph. The node the front's
+        # autograd makes for it here is dropped: apply gives the output this Function's.
+        with torch.enable_grad():
+            return _FUSED(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -30,9 +30,12 @@ _forked = False
 
 
 class Session:
-    def __init__(self, stream: Stream, job: Job | None = None):
+    def __init__(self, stream: Stream, job: Job | None = None, remote_backward: bool = True):
         self.stream = stream
         self.job = job
+        # offload/remote_backward.py: a multi-worker job's SPMD placement rules see each gradient
+        # op, so its backward stays traced.
+        self.runs_backward = remote_backward and len(stream.clients) == 1
         self.pid = os.getpid()
         # The per-op calls go straight to the stream: no extra Python frame per op.
         self.new_id = stream.new_id
@@ -50,9 +53,11 @@ class Session:
 
     @classmethod
     def from_master(cls, settings: config.Settings | None = None) -> Session:
-        job = Job(settings or config.load())
+        settings = settings or config.load()
+        job = Job(settings)
         try:
-            return cls(Stream(job.addresses, job.secret, failure=job.failure_reason), job)
+            return cls(Stream(job.addresses, job.secret, failure=job.failure_reason), job,
+                       settings.remote_backward)
         except BaseException:
             job.release()
             raise
@@ -123,7 +128,7 @@ def connect(addresses: list[str], secret: str) -> Session:
     close()
     interrupt.install()
     with _lock:
-        _install(Session(Stream(addresses, secret)))
+        _install(Session(Stream(addresses, secret), remote_backward=config.load().remote_backward))
         return _session
 
 

@@ -23,6 +23,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from daemons import wire
+from daemons.worker.executor import GRAD_MODE_OP
 
 # A batch leaves when the next record finds it this full or this old (docs/PERFORMANCE.md): the
 # age bound lets the workers compute while the front is still tracing a step, the count bound
@@ -33,6 +34,7 @@ WAIT_SLICE_S = 0.2                  # liveness is checked this often while waiti
 REPLY_SPIN_S = 300e-6               # a wait polls this long before sleeping (wire.Client spin_s)
 HELLO_TIMEOUT_S = 60.0
 EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
+_grad_enabled = torch.is_grad_enabled
 
 
 class DeviceLostError(RuntimeError):
@@ -62,6 +64,7 @@ class Stream:
         self._ids = itertools.count(1)
         self._batch: list = []
         self._batch_started = 0.0
+        self._grad_mode = True   # a worker's, until a record says otherwise
         self._freed: list[int] = []
         self._lock = threading.RLock()
         self._closed = False
@@ -96,6 +99,13 @@ class Stream:
                 self.flush()
             if not self._batch:
                 self._batch_started = time.perf_counter()
+            grad_mode = _grad_enabled()
+            if grad_mode is not self._grad_mode:
+                # The workers build autograd graphs of parameters named as leaves
+                # (offload/remote_backward.py) only where the program does.
+                self._grad_mode = grad_mode
+                self.seq += 1
+                self._batch.append([self.seq, GRAD_MODE_OP, [grad_mode], {}, None])
             self.seq += 1
             self._batch.append([self.seq, op, args, kwargs, out])
 

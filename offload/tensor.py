@@ -36,6 +36,26 @@ class Handle:
         # Only appends to a list: safe at any point the garbage collector runs.
         session.release_id(self.id)
 
+    @property
+    def plain(self) -> Handle:
+        return self
+
+
+class LeafHandle(Handle):
+    """The handle of a parameter whose backward the worker runs (offload/remote_backward.py): the
+    same remote tensor, named in records as a leaf of the worker's autograd graph. Its ``plain``
+    handle keeps the tensor alive; ``marked_at`` is the autograd sequence number when it was
+    made: graphs recorded before then have no leaf for it on the worker."""
+
+    __slots__ = ("plain", "marked_at")
+
+    def __init__(self, plain: Handle, marked_at: int):
+        self.id, self.plain, self.marked_at = plain.id, plain, marked_at
+        self.ref = packed_ref(plain.id, leaf=True)
+
+    def __del__(self):
+        pass  # the plain handle frees the remote tensor
+
 
 class RemoteTensor(torch.Tensor):
     _meta: torch.Tensor

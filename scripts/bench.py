@@ -236,6 +236,13 @@ def bench_llama(args, size: ModelSize) -> dict:
             "records": (stream.seq - seq) / len(off_times)}
 
 
+def print_step_details(args, r: dict):
+    looked_up = r["hits"] + r["misses"]
+    print(f"    median of {r['steps']} steps after {args.warmup} warm-up; per offloaded step: "
+          f"{r['records']:.0f} op records, front tracing {r['traced'] * 1e3:.1f} ms; shape cache "
+          f"{r['hits'] / max(1, looked_up):.1%} hits ({r['hits']} hits, {r['misses']} misses)", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", type=int, default=5000, help="(1) small ops per timed stream")
@@ -305,11 +312,15 @@ def main():
                 print(f"(4) Llama training step, {name} ({size}): offloaded {r['offloaded'] * 1e3:.1f} ms "
                       f"vs native {r['native'] * 1e3:.1f} ms = {ratio:.2f}x  target <= {MAX_STEP_RATIO:g}x  "
                       f"-> {verdict(ratio <= MAX_STEP_RATIO)}")
-                looked_up = r["hits"] + r["misses"]
-                print(f"    median of {r['steps']} steps after {args.warmup} warm-up; per offloaded step: "
-                      f"{r['records']:.0f} op records, front tracing {r['traced'] * 1e3:.1f} ms; shape cache "
-                      f"{r['hits'] / max(1, looked_up):.1%} hits ({r['hits']} hits, {r['misses']} misses)",
-                      flush=True)
+                print_step_details(args, r)
+            # The same at the defaults with the backward traced on the front, as before the
+            # worker ran it (offload/remote_backward.py), and as a job of several workers does.
+            session.current().runs_backward = False
+            r = bench_llama(args, REFERENCE_SIZE)
+            session.current().runs_backward = True
+            print(f"    for comparison, the backward traced on the front: offloaded {r['offloaded'] * 1e3:.1f} ms "
+                  f"vs native {r['native'] * 1e3:.1f} ms = {r['offloaded'] / r['native']:.2f}x")
+            print_step_details(args, r)
             print(f"# {load()}; bench took {time.perf_counter() - started:.0f} s")
         finally:
             session.close()

@@ -57,6 +57,17 @@ def test_torch_scalar_types_and_refs():
     assert out[8:] == body[8:]
 
 
+@pytest.mark.parametrize("tid", [5, 300, 70000, 2**40], ids=["fixint", "uint16", "uint32", "uint64"])
+def test_leaf_refs_stay_leaf_refs_and_plain_refs_plain(tid):
+    """A parameter named as a leaf of the worker's graph must never arrive as the plain tensor,
+    nor the plain tensor as a leaf (docs/PROTOCOL.md, ``moai::backward``)."""
+    body = [wire.LeafRef(tid), wire.RemoteRef(tid), wire.packed_ref(tid, leaf=True), wire.packed_ref(tid)]
+    out = roundtrip(body).body
+    assert [type(r) for r in out] == [wire.LeafRef, wire.RemoteRef, wire.LeafRef, wire.RemoteRef]
+    assert {r.id for r in out} == {tid}
+    assert wire.LeafRef(tid) != wire.RemoteRef(tid)
+
+
 def test_torch_is_loaded_only_by_the_first_torch_value_received():
     """The control plane and the tools carry no tensors and never load torch (seconds, hundreds of
     MB); a process that receives a tensor gets it decoded all the same."""

@@ -17,6 +17,14 @@ and the held-error rules, and overriding only what touches tensor placement: ``p
 (the callable an op name resolves to), ``fetch``, ``memory_stats``, the memory meter and the
 ``set_rng_state`` pseudo-op. Keep those seams stable. With ``world_size == 1`` nothing of spmd
 is imported and ops run locally.
+
+The backward on the worker (``moai::backward``, offload/remote_backward.py): a one-worker job's
+front names the parameters its forward ops read as ``LeafRef``s. Such an argument resolves, while
+the stream's grad mode (``moai::grad_mode``) is on, to a leaf sharing the tensor's storage and
+requiring grad, so the forward builds an autograd graph here as it would natively; the table
+keeps the plain tensor, which ops without grad mode and the ops writing into a parameter get.
+``moai::backward`` then runs torch's autograd on that graph: one record instead of a backward
+traced op by op on the front.
 """
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ ALLOWED_NAMESPACES = ("aten", "prims")
 SEED_OP = "moai::manual_seed"                 # args [seed]
 GET_RNG_STATE_OP = "moai::get_rng_state"      # out: a fresh id for the generator state
 SET_RNG_STATE_OP = "moai::set_rng_state"      # args [RemoteRef(state)]
+GRAD_MODE_OP = "moai::grad_mode"              # args [enabled]: torch's grad mode for the ops after it
+BACKWARD_OP = "moai::backward"                # args [loss, [LeafRef], [grad or None]]; out: grad ids
 # Op arguments that are their own value on the worker.
 _PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None), torch.dtype})
 # The worker's implementations of the ops no device has a kernel for, by the name a record uses.
@@ -120,6 +130,9 @@ class Executor:
             host_memory.keep_freed_memory()
         self.device_name = str(self.device)
         self.tensors: dict[int, torch.Tensor] = {}
+        # id -> the leaf standing for that table tensor in this worker's autograd graphs
+        self.leaves: dict[int, torch.Tensor] = {}
+        self._leaf_argument = False   # set when the record being resolved named a LeafRef
         self.meter = MemoryMeter()
         self.error: OpError | None = None
         self.done_seq = 0
@@ -157,6 +170,7 @@ class Executor:
 
     def close(self):
         self.tensors.clear()
+        self.leaves.clear()
 
     # --- table --------------------------------------------------------------------------------
 
@@ -164,6 +178,12 @@ class Executor:
         old = self.tensors.get(tid)
         if old is t:
             return
+        if self.leaves:
+            leaf = self.leaves.get(tid)
+            if leaf is t:
+                return  # an op handed back a parameter's leaf: the table keeps the plain tensor
+            if leaf is not None:
+                del self.leaves[tid]  # the id names another tensor now: its leaf is stale
         if old is not None:
             self.meter.remove(old)
         self.tensors[tid] = t
@@ -171,6 +191,8 @@ class Executor:
             self.meter.add(t)
 
     def _drop(self, tid: int):
+        if self.leaves:
+            self.leaves.pop(tid, None)
         t = self.tensors.pop(tid, None)
         if t is not None and not self.on_gpu:
             self.meter.remove(t)
@@ -193,6 +215,9 @@ class Executor:
             return {k: self._resolve(v) for k, v in x.items()}
         if kind is torch.device:
             return self.device
+        if kind is wire.LeafRef:
+            self._leaf_argument = True
+            return self._leaf(x.id) if torch.is_grad_enabled() else self._plain(x.id)
         if isinstance(x, torch.Tensor) and x.dim() > 0:  # a CPU 0-dim scalar stays where it is
             return x.to(self.device)
         return x
@@ -235,18 +260,17 @@ class Executor:
 
     def _run_one(self, record):
         seq, name, args, kwargs, out = record
-        if name == SEED_OP:
-            torch.manual_seed(int(args[0]))
-            return
-        if name == GET_RNG_STATE_OP:
-            self._store(out, torch.get_rng_state())
-            return
-        if name == SET_RNG_STATE_OP:
-            torch.set_rng_state(self._resolve(args[0]).cpu())
+        pseudo = self._pseudo_ops.get(name)
+        if pseudo is not None:
+            pseudo(self, seq, args, out)
             return
         op = self._op(name)
         args = self._resolve_args(args)
         kwargs = self._resolve(kwargs) if kwargs else {}
+        if self._leaf_argument:
+            self._leaf_argument = False
+            if torch.is_grad_enabled() and op._schema.is_mutable:
+                args, kwargs = self._written_plain(op, args, kwargs)
         if name in _EMPTY_OPS and not self.on_gpu:
             self._check_cap(name, seq, _allocation_bytes(name, args, kwargs))
         try:
@@ -266,6 +290,88 @@ class Executor:
             grown = self.meter.allocated - before
             self._bind_release(out)
             self._check_cap(name, seq, grown)
+
+    # --- pseudo-ops: stream records that are not aten ops -----------------------------------------
+
+    def _manual_seed(self, seq, args, out):
+        torch.manual_seed(int(args[0]))
+
+    def _get_rng_state(self, seq, args, out):
+        self._store(out, torch.get_rng_state())
+
+    def _set_rng_state(self, seq, args, out):
+        torch.set_rng_state(self._resolve(args[0]).cpu())
+
+    def _grad_mode(self, seq, args, out):
+        torch.set_grad_enabled(bool(args[0]))
+
+    def _backward(self, seq, args, out):
+        """``loss.backward()`` on this worker's graph, for the parameters the front named; their
+        gradients are stored under ``out``'s ids (an accumulated one: the id of the gradient it
+        is added to, in place, as torch's AccumulateGrad does)."""
+        loss_ref, leaf_refs, grad_refs = args
+        loss = self._resolve(loss_ref)
+        if loss.grad_fn is None:
+            raise OpError("op_failed", f"backward (op #{seq}): tensor #{loss_ref.id} has no autograd "
+                                       "graph on this worker")
+        leaves = [self._leaf(ref.id) for ref in leaf_refs]
+        for leaf in leaves:
+            leaf.grad = None
+        try:
+            torch.autograd.backward(loss, inputs=leaves)
+        except torch.OutOfMemoryError as e:
+            raise OpError("oom", f"backward (op #{seq}) ran out of device memory: {e}") from None
+        except Exception as e:
+            raise OpError("op_failed", f"backward (op #{seq}) failed: {type(e).__name__}: {e}") from None
+        for leaf, grad_ref, tid in zip(leaves, grad_refs, out):
+            grad, leaf.grad = leaf.grad, None
+            if grad is None:
+                # No gradient reached it (a path of integer ops only): zeros where torch leaves
+                # None, since the front has handed out a gradient already.
+                grad = torch.zeros_like(leaf)
+            if grad_ref is not None:
+                self._resolve(grad_ref).add_(grad)
+            else:
+                if grad.stride() != leaf.stride():
+                    grad = torch.empty_like(leaf).copy_(grad)  # the layout the front gave it
+                self._store(tid, grad)
+        if not self.on_gpu and self.meter.allocated > self.spec.memory_cap:
+            self._check_cap("backward", seq, 0)
+
+    _pseudo_ops = {SEED_OP: _manual_seed, GET_RNG_STATE_OP: _get_rng_state,
+                   SET_RNG_STATE_OP: _set_rng_state, GRAD_MODE_OP: _grad_mode, BACKWARD_OP: _backward}
+
+    def _plain(self, tid: int) -> torch.Tensor:
+        t = self.tensors.get(tid)
+        return t if t is not None else self._resolve(wire.RemoteRef(tid))  # which names the missing id
+
+    def _leaf(self, tid: int) -> torch.Tensor:
+        leaf = self.leaves.get(tid)
+        if leaf is None:
+            plain = self._plain(tid)
+            if not (plain.is_floating_point() or plain.is_complex()):
+                raise OpError("op_failed", f"tensor #{tid} ({plain.dtype}) cannot require gradients")
+            # detach shares the version counter: an in-place change of the parameter between
+            # forward and backward is caught as torch catches it.
+            leaf = self.leaves[tid] = plain.detach().requires_grad_()
+        return leaf
+
+    def _written_plain(self, op, args, kwargs):
+        """The arguments an op writes into, as plain tensors where they are parameters' leaves:
+        the front's autograd allowed the write (through ``.data``, or on a frozen parameter),
+        which the leaf's own would refuse."""
+        written = _written_arguments(op)
+        ids = {id(leaf): tid for tid, leaf in self.leaves.items()}
+
+        def plain(t):
+            if isinstance(t, list):
+                return [plain(v) for v in t]
+            tid = ids.get(id(t))
+            return t if tid is None else self.tensors[tid]
+
+        args = [plain(a) if i in written else a for i, a in enumerate(args)]
+        kwargs = {k: plain(v) if k in written else v for k, v in kwargs.items()}
+        return args, kwargs
 
     def _check_cap(self, name: str, seq: int, extra: int):
         if self.meter.allocated + extra > self.spec.memory_cap:
@@ -372,6 +478,13 @@ class Executor:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.meter.peak = self.meter.allocated
         return {}
+
+
+def _written_arguments(op) -> frozenset:
+    """Positions and names of the arguments ``op`` writes into."""
+    args = op._schema.arguments
+    return frozenset([i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+                     + [a.name for a in args if a.alias_info is not None and a.alias_info.is_write])
 
 
 def _allocation_bytes(name: str, args: list, kwargs: dict) -> int:

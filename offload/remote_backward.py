@@ -1,0 +1,187 @@
+"""``loss.backward()`` as one record: the worker runs the backward on its own autograd graph.
+
+Traced on the front, a backward is an op record per gradient op, each a Python dispatch here and
+a record the worker interprets: half the front's time of a small model's step
+(docs/PERFORMANCE.md). For a one-worker job the worker can run it itself: the front names the
+parameters in the forward's records as leaves (``LeafRef``), so the worker's forward builds the
+same autograd graph native torch would, and a backward is then one ``moai::backward`` record
+(daemons/worker/executor.py). The front hands out the parameters' ``.grad`` at once, as handles
+of the gradients the worker will store, and frees the tensors its own graph saved, as torch's
+backward frees them.
+
+Only a plain backward goes this way; anything the worker's graph cannot reproduce is traced on
+the front as before, with the same results:
+
+- the call: one scalar device tensor with a graph, no ``gradient``, ``inputs``, ``retain_graph``
+  or ``create_graph``; a job of one worker; the ``remote_backward`` setting on;
+- the graph: no custom ``autograd.Function`` (but the virtual device's own linear), no hook on a
+  leaf, none on an inner tensor or a module (``register_hook``, ``retain_grad``, module backward
+  hooks: seen when registered); every leaf a device tensor whose forward ops named it as a leaf.
+
+A parameter's first backward is traced on the front and marks it a leaf (``LeafHandle``); the
+backwards of graphs recorded after that run on the worker. Hooks registered on a graph's nodes
+themselves (``grad_fn.register_hook``) are not seen and do not run on the worker's backward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd.function import BackwardCFunction
+
+from offload import session as sessions
+from offload.linear import _Linear
+from offload.tensor import LeafHandle, RemoteTensor
+
+BACKWARD_OP = "moai::backward"
+_ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+_OWN_FUNCTIONS = frozenset({_Linear._backward_cls})   # custom Functions the worker's graph has too
+_saved_names: dict[type, tuple[str, ...]] = {}        # node type -> its saved tensors' attributes
+_graph_hooks_seen = False
+_DONE = "moai_backward_ran"   # in the root node's metadata once the worker ran its backward
+_META = torch.device("meta")
+_empty_strided = torch._C._VariableFunctions.empty_strided   # no Python reference kernel
+
+
+def install():
+    """Route ``torch.autograd.backward`` (``Tensor.backward`` calls it) through ``backward``."""
+    if getattr(torch.autograd.backward, "_moai_remote", False):
+        return
+    original = torch.autograd.backward
+
+    @functools.wraps(original)
+    def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                 grad_variables=None, inputs=None):
+        if (grad_tensors is None and grad_variables is None and inputs is None and not retain_graph
+                and not create_graph and _run_on_worker(tensors)):
+            return None
+        return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+
+    backward._moai_remote = True
+    torch.autograd.backward = backward
+    for name in ("register_hook", "retain_grad"):   # a leaf's hooks are seen on the leaf itself
+        _note_when_called(RemoteTensor, name, lambda t: not t.is_leaf)
+    _note_when_called(torch.nn.Module, "register_backward_hook")   # it hooks grad_fn: never seen
+
+
+def note_graph_hook():
+    """A hook on an inner tensor or a module: from now on every backward is traced on the front."""
+    global _graph_hooks_seen
+    _graph_hooks_seen = True
+
+
+def _note_when_called(cls, name: str, applies=lambda obj: True):
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def noted(self, *args, **kwargs):
+        if applies(self):
+            note_graph_hook()
+        return original(self, *args, **kwargs)
+
+    setattr(cls, name, noted)
+
+
+def _run_on_worker(tensors) -> bool:
+    loss = tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 else tensors
+    if type(loss) is not RemoteTensor or loss.grad_fn is None or loss.numel() != 1:
+        return False
+    session = sessions.current()
+    if (not session.runs_backward or _graph_hooks_seen or torch.nn.modules.module._global_backward_hooks
+            or not (loss.is_floating_point() or loss.is_complex())):
+        return False
+    graph = _walk(loss.grad_fn)
+    if graph is None:
+        return False
+    nodes, leaves = graph
+    first_node = min(n._sequence_nr() for n in nodes)
+    unmarked = [v for v in leaves if type(v._handle) is not LeafHandle or v._handle.marked_at >= first_node]
+    if unmarked:
+        _mark(unmarked)
+        return False
+    grads = [v.grad for v in leaves]
+    if any(not v.is_contiguous() or g is not None and (type(g) is not RemoteTensor or g.shape != v.shape
+                                                         or g.dtype != v.dtype)
+           for g, v in zip(grads, leaves)):
+        return False   # a gradient the program set itself, or a layout the worker's would not have
+    metadata = loss.grad_fn.metadata
+    if _DONE in metadata:
+        _freed(None)
+    metadata[_DONE] = True
+    out = [session.new_id() if g is None else g._handle.id for g in grads]
+    session.enqueue(BACKWARD_OP, [loss._handle.ref, [v._handle.ref for v in leaves],
+                                  [None if g is None else g._handle.ref for g in grads]], {}, out)
+    session.stream.flush()   # the worker starts it while the front goes on
+    for v, g, tid in zip(leaves, grads, out):
+        if g is None:
+            v.grad = RemoteTensor(_empty_strided(v.shape, v.stride(), dtype=v.dtype, device=_META), tid)
+    _release_saved(nodes)
+    return True
+
+
+def _walk(root) -> tuple[list, list] | None:
+    """(nodes, leaf tensors) of the graph under ``root``; None if the worker cannot run it."""
+    nodes, leaves, leaf_ids = [], [], set()
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is _ACCUMULATE_GRAD:
+            leaf = node.variable
+            if (type(leaf) is not RemoteTensor or leaf._backward_hooks
+                    or getattr(leaf, "_post_accumulate_grad_hooks", None)):
+                return None
+            if id(leaf) not in leaf_ids:
+                leaf_ids.add(id(leaf))
+                leaves.append(leaf)
+            continue
+        if isinstance(node, BackwardCFunction) and kind not in _OWN_FUNCTIONS:
+            return None
+        nodes.append(node)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return nodes, leaves
+
+
+def _mark(leaves: list):
+    """Name these parameters as leaves in the records from now on."""
+    with torch.enable_grad():
+        now = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+    for v in leaves:
+        v._handle = LeafHandle(v._handle.plain, now)
+
+
+def _release_saved(nodes: list):
+    """Drop the tensors the front's graph saved, as a backward without ``retain_graph`` does:
+    the worker ran the backward, so keeping them would only keep remote tensors alive."""
+    for node in nodes:
+        kind = type(node)
+        names = _saved_names.get(kind)
+        if names is None:
+            names = _saved_names[kind] = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+        for name in names:
+            saved = getattr(node, name)
+            for s in saved if isinstance(saved, (list, tuple)) else (saved,):
+                if s is None:
+                    continue
+                try:
+                    s.register_hooks(_forget, _freed)
+                except RuntimeError as e:
+                    if "already been set" in str(e):
+                        _freed(None)   # a graph sharing this part ran its backward before
+
+
+def _forget(tensor):
+    return None
+
+
+def _freed(_):
+    raise RuntimeError("Trying to backward through the graph a second time (or directly access "
+                       "saved tensors after they have already been freed). Saved intermediate "
+                       "values of the graph are freed when you call .backward() or "
+                       "autograd.grad(). Specify retain_graph=True if you need to backward "
+                       "through the graph a second time or if you need to access saved tensors "
+                       "after calling backward.")

@@ -1,0 +1,283 @@
+"""``loss.backward()`` run by the worker (offload/remote_backward.py), against plain CPU PyTorch.
+
+The first backward of a parameter is traced on the front and names it a leaf; the backwards after
+it are one ``moai::backward`` record each. Everything the worker's graph cannot reproduce (hooks,
+custom Functions, ``retain_graph``, ``autograd.grad`` ...) is traced as before; both give the CPU's
+numbers.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytestmark = pytest.mark.timeout(180)
+
+BACKWARD = "moai::backward"
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def active(dev):
+    from offload import activation, device_mapping
+
+    activation.activate()
+    device_mapping.install()
+    yield
+
+
+@pytest.fixture
+def records(monkeypatch):
+    """Names of the records the front streams during the test."""
+    from offload import remote_backward, session
+
+    monkeypatch.setattr(remote_backward, "_graph_hooks_seen", False)  # restored after the test
+    names: list[str] = []
+    s = session.current()
+    enqueue = s.enqueue
+    monkeypatch.setattr(s, "enqueue", lambda op, *rest: names.append(op) or enqueue(op, *rest))
+    return names
+
+
+def mlp(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3))
+
+
+def batch(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def pair(seed=0):
+    local = mlp(seed)
+    return local, copy.deepcopy(local).cuda()
+
+
+def train(model, steps, between=lambda model, step: None, **adamw):
+    """Losses of ``steps`` AdamW steps on one batch; ``between`` runs after each backward."""
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in batch())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **adamw)
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        between(model, step)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def same_parameters(remote, local):
+    for (name, p), q in zip(local.named_parameters(), remote.parameters()):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), **FP32, msg=name)
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad.cpu(), p.grad, **FP32, msg=name)
+
+
+def test_backwards_after_the_first_run_on_the_worker_with_the_cpu_numbers(records):
+    local, remote = pair()
+    expected = train(local, 4)
+    got = train(remote, 4)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 3
+    # The traced backward's gradient ops are gone from the stream: the optimizer's are left.
+    assert records.count("moai::linear_backward") == 2
+
+
+@pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}, {"foreach": False}],
+                         ids=["fused", "foreach", "for-loop"])
+def test_every_optimizer_path_reads_the_gradients_the_worker_stored(records, options):
+    local, remote = pair()
+    expected = train(local, 3, **options)
+    got = train(remote, 3, **options)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 2
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["grads-set-to-none", "grads-zeroed"])
+def test_gradients_accumulate_over_micro_batches(records, set_to_none):
+    local, remote = pair()
+    for model in (local, remote):
+        device = next(model.parameters()).device
+        for step in range(3):
+            model.zero_grad(set_to_none=set_to_none)
+            for micro in range(2):
+                x, y = (t.to(device) for t in batch(seed=10 * step + micro))
+                (F.cross_entropy(model(x), y) / 2).backward()
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 5
+
+
+def test_a_graph_backwarded_on_the_worker_cannot_be_backwarded_again(records):
+    local, remote = pair()
+    x, y = batch()
+    F.cross_entropy(remote(x.cuda()), y.cuda()).backward()   # traced: marks the parameters
+    loss = F.cross_entropy(remote(x.cuda()), y.cuda())
+    loss.backward()
+    assert records.count(BACKWARD) == 1
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    assert records.count(BACKWARD) == 1
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.grad_fn._saved_self   # the front's saved tensors are freed, as torch frees them
+
+
+def test_retain_graph_and_autograd_grad_are_traced_with_the_cpu_numbers(records):
+    local, remote = pair()
+    results = []
+    for model in (local, remote):
+        device = next(model.parameters()).device
+        x, y = (t.to(device) for t in batch())
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        first = model[0].weight
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), [first])
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(inputs=[first])
+        results.append([g.cpu(), first.grad.cpu()])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **FP32)
+    # Only the last backward of the retained graph, a plain one, ran on the worker.
+    assert records.count(BACKWARD) == 1
+
+
+class Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 5   # not the true gradient: only the Function's own backward gives it
+
+
+def with_leaf_hook(model):
+    model[0].weight.register_hook(lambda g: g * 2)
+    return model
+
+
+def with_inner_hook(model):
+    model[1].register_forward_hook(lambda m, i, out: out.register_hook(lambda g: g * 2) and None)
+    return model
+
+
+def with_module_backward_hook(model):
+    model[2].register_full_backward_hook(lambda m, gin, gout: (gin[0] * 2,))
+    return model
+
+
+def with_custom_function(model):
+    model[1].register_forward_hook(lambda m, i, out: Scale.apply(out))
+    return model
+
+
+@pytest.mark.parametrize("hooked", [with_leaf_hook, with_inner_hook, with_module_backward_hook,
+                                    with_custom_function],
+                         ids=["leaf-hook", "inner-tensor-hook", "module-backward-hook", "custom-function"])
+def test_graphs_the_worker_cannot_reproduce_are_traced_with_the_cpu_numbers(records, hooked):
+    local, remote = pair()
+    local, remote = hooked(local), hooked(remote)
+    expected = train(local, 3)
+    got = train(remote, 3)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 0
+
+
+def test_retain_grad_of_an_inner_tensor_is_served(records):
+    local, remote = pair()
+    grads = []
+    for model in (local, remote):
+        device = next(model.parameters()).device
+        x, y = (t.to(device) for t in batch())
+        for _ in range(2):
+            hidden = model[1](model[0](x))
+            hidden.retain_grad()
+            F.cross_entropy(model[3](model[2](hidden)), y).backward()
+        grads.append(hidden.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0], **FP32)
+    assert records.count(BACKWARD) == 0
+
+
+def test_parameters_written_through_data_or_frozen_keep_the_cpu_numbers(records):
+    """The worker's leaves refuse in-place writes in grad mode that the front's autograd allows:
+    through ``.data``, and on a parameter frozen after it was named a leaf."""
+    def between(model, step):
+        for p in model.parameters():
+            p.data.clamp_(-0.3, 0.3)
+        if step == 2:
+            model[0].weight.requires_grad_(False)
+        model[0].weight.mul_(0.99) if step >= 2 else None
+
+    local, remote = pair()
+    expected = train(local, 5, between)
+    got = train(remote, 5, between)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 4
+
+
+def test_a_parameter_outside_the_graph_gets_no_gradient(records):
+    local, remote = pair()
+    for model in (local, remote):
+        device = next(model.parameters()).device
+        x, _ = batch()
+        for _ in range(2):
+            model[0](x.to(device)).sum().backward()   # model[3] takes no part
+        assert model[3].weight.grad is None
+    torch.testing.assert_close(remote[0].weight.grad.cpu(), local[0].weight.grad, **FP32)
+    assert records.count(BACKWARD) == 1
+
+
+def test_the_saved_activations_are_freed_by_the_worker_s_backward(records):
+    """``loss`` stays alive, as in a training loop until the next step: the front's graph must not
+    keep the activations on the device once the worker ran the backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh()).cuda()
+    x = torch.randn(4096, 64).cuda()
+    model(x).square().mean().backward()   # traced: marks the parameters
+    activations = 2 * x.numel() * x.element_size()   # 2 MiB: what the two Tanh save
+    torch.cuda.synchronize()
+    loss = model(x).square().mean()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    loss.backward()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    assert records.count(BACKWARD) == 1
+    assert after < before - activations * 3 // 4, (before, after)
+    del loss
+
+
+def test_a_job_of_several_workers_or_the_setting_off_traces_the_backward(records, monkeypatch):
+    from offload import session
+
+    monkeypatch.setattr(session.current(), "runs_backward", False)
+    local, remote = pair()
+    torch.testing.assert_close(torch.tensor(train(remote, 3)), torch.tensor(train(local, 3)), **FP32)
+    assert records.count(BACKWARD) == 0
+
+
+def test_a_backward_record_for_a_tensor_without_graph_is_a_clear_device_error(records):
+    from offload import session
+
+    t = torch.ones(3).cuda()
+    p = nn.Parameter(torch.ones(3).cuda())
+    s = session.current()
+    s.enqueue(BACKWARD, [t._handle.ref, [p._handle.ref], [None]], {}, [s.new_id()])
+    with pytest.raises(RuntimeError, match="no autograd graph on this worker"):
+        torch.cuda.synchronize()
+    assert (t + 1).sum().item() == 6   # the device goes on
