@@ -16,11 +16,14 @@ the front as before, with the same results:
   or ``create_graph``; a job of one worker; the ``remote_backward`` setting on;
 - the graph: no custom ``autograd.Function`` (but the virtual device's own linear), no hook on a
   leaf, none on an inner tensor or a module (``register_hook``, ``retain_grad``, module backward
-  hooks: seen when registered); every leaf a device tensor whose forward ops named it as a leaf.
+  hooks: seen when registered), no saved-tensor hooks ever entered (checkpointing); every leaf a
+  device tensor whose forward ops named it as a leaf.
 
 A parameter's first backward is traced on the front and marks it a leaf (``LeafHandle``); the
-backwards of graphs recorded after that run on the worker. Hooks registered on a graph's nodes
-themselves (``grad_fn.register_hook``) are not seen and do not run on the worker's backward.
+backwards of graphs recorded after that run on the worker. A backward that must be traced unmarks
+its parameters: a graph the worker built for them would only hold memory. Hooks registered on a
+graph's nodes themselves (``grad_fn.register_hook``) are not seen and do not run on the worker's
+backward.
 """
 from __future__ import annotations
 
@@ -52,8 +55,9 @@ def install():
     @functools.wraps(original)
     def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                  grad_variables=None, inputs=None):
-        if (grad_tensors is None and grad_variables is None and inputs is None and not retain_graph
-                and not create_graph and _run_on_worker(tensors)):
+        plain = (grad_tensors is None and grad_variables is None and inputs is None and not retain_graph
+                 and not create_graph)
+        if _run_on_worker(tensors, plain):
             return None
         return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
 
@@ -62,10 +66,13 @@ def install():
     for name in ("register_hook", "retain_grad"):   # a leaf's hooks are seen on the leaf itself
         _note_when_called(RemoteTensor, name, lambda t: not t.is_leaf)
     _note_when_called(torch.nn.Module, "register_backward_hook")   # it hooks grad_fn: never seen
+    # Checkpointing, offloading to the host: the worker's graph would keep what they drop.
+    _note_when_called(torch.autograd.graph.saved_tensors_hooks, "__enter__")
 
 
 def note_graph_hook():
-    """A hook on an inner tensor or a module: from now on every backward is traced on the front."""
+    """A hook on an inner tensor or a module, or saved-tensor hooks: from now on every backward is
+    traced on the front."""
     global _graph_hooks_seen
     _graph_hooks_seen = True
 
@@ -82,18 +89,22 @@ def _note_when_called(cls, name: str, applies=lambda obj: True):
     setattr(cls, name, noted)
 
 
-def _run_on_worker(tensors) -> bool:
+def _run_on_worker(tensors, plain: bool) -> bool:
+    """Run this backward on the worker if it can; False: the caller traces it."""
     loss = tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 else tensors
-    if type(loss) is not RemoteTensor or loss.grad_fn is None or loss.numel() != 1:
+    if type(loss) is not RemoteTensor or loss.grad_fn is None:
         return False
     session = sessions.current()
-    if (not session.runs_backward or _graph_hooks_seen or torch.nn.modules.module._global_backward_hooks
-            or not (loss.is_floating_point() or loss.is_complex())):
+    if not session.runs_backward:
         return False
-    graph = _walk(loss.grad_fn)
-    if graph is None:
+    nodes, leaves, reproducible = _walk(loss.grad_fn)
+    if not (plain and reproducible and loss.numel() == 1 and loss.is_floating_point()
+            and not _graph_hooks_seen and not torch.nn.modules.module._global_backward_hooks):
+        # Traced: graphs the worker built for these parameters would only hold memory (all the
+        # activations of a checkpointed model, say).
+        for v in leaves:
+            v._handle = v._handle.plain
         return False
-    nodes, leaves = graph
     first_node = min(n._sequence_nr() for n in nodes)
     unmarked = [v for v in leaves if type(v._handle) is not LeafHandle or v._handle.marked_at >= first_node]
     if unmarked:
@@ -119,9 +130,11 @@ def _run_on_worker(tensors) -> bool:
     return True
 
 
-def _walk(root) -> tuple[list, list] | None:
-    """(nodes, leaf tensors) of the graph under ``root``; None if the worker cannot run it."""
+def _walk(root) -> tuple[list, list, bool]:
+    """(nodes, leaf device tensors, whether the worker's graph is the same) of the graph under
+    ``root``."""
     nodes, leaves, leaf_ids = [], [], set()
+    reproducible = True
     seen = {root}
     stack = [root]
     while stack:
@@ -129,21 +142,22 @@ def _walk(root) -> tuple[list, list] | None:
         kind = type(node)
         if kind is _ACCUMULATE_GRAD:
             leaf = node.variable
-            if (type(leaf) is not RemoteTensor or leaf._backward_hooks
-                    or getattr(leaf, "_post_accumulate_grad_hooks", None)):
-                return None
-            if id(leaf) not in leaf_ids:
+            if type(leaf) is not RemoteTensor:
+                reproducible = False
+            elif id(leaf) not in leaf_ids:
                 leaf_ids.add(id(leaf))
                 leaves.append(leaf)
+                if leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None):
+                    reproducible = False
             continue
         if isinstance(node, BackwardCFunction) and kind not in _OWN_FUNCTIONS:
-            return None
+            reproducible = False
         nodes.append(node)
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return nodes, leaves
+    return nodes, leaves, reproducible
 
 
 def _mark(leaves: list):

@@ -29,7 +29,7 @@ from daemons.worker.executor import GRAD_MODE_OP
 # age bound lets the workers compute while the front is still tracing a step, the count bound
 # caps a message.
 BATCH_RECORDS = 256
-BATCH_AGE_S = 0.002
+BATCH_AGE_S = 0.001
 WAIT_SLICE_S = 0.2                  # liveness is checked this often while waiting on a worker
 REPLY_SPIN_S = 300e-6               # a wait polls this long before sleeping (wire.Client spin_s)
 HELLO_TIMEOUT_S = 60.0

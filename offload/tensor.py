@@ -7,6 +7,7 @@ their meta aliasing their base's meta, so in-place ops through a view infer corr
 """
 from __future__ import annotations
 
+import copy
 import re
 from typing import Callable
 
@@ -120,6 +121,28 @@ class RemoteTensor(torch.Tensor):
         suffixes = _SUFFIX_SEPARATOR.split(bare[len(type(self).__name__) + 1:-1])[1:]
         text = ts._add_suffixes("tensor(" + tensor_contents, suffixes, len("tensor("), False)
         return "Parameter containing:\n" + text if is_param else text
+
+    def __deepcopy__(self, memo):
+        # torch's deepcopies the instance dict over the clone's, which would give the copy this
+        # tensor's handle: two owners of one remote tensor, the first to die freeing it.
+        if not self.is_leaf:
+            raise RuntimeError("Only Tensors created explicitly by the user (graph leaves) support "
+                               "the deepcopy protocol at the moment.")
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch.no_grad():
+            new = self.clone()
+        if self.requires_grad:
+            new.requires_grad_()
+        memo[id(self)] = new
+        if getattr(self, "_is_param", False):
+            new._is_param = True
+            return new   # nn.Parameter's deepcopy: no gradient, no attributes
+        if self.grad is not None:
+            new.grad = copy.deepcopy(self.grad, memo)
+        own = ("_meta", "_handle", "_desc")
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in own}, memo))
+        return new
 
     def tolist(self):
         # torch refuses .tolist() for tensor subclasses; a CUDA tensor's comes from the host copy.

@@ -8,6 +8,7 @@ a process of their own (forked DataLoader workers) run a small front program in 
 from __future__ import annotations
 
 import copy
+import gc
 import subprocess
 import sys
 import textwrap
@@ -273,6 +274,38 @@ def test_save_a_whole_module_and_load_it_back(tmp_path):
         same(q.grad, p.grad, **FP32)
     on_cpu = torch.load(tmp_path / "model.pt", weights_only=False, map_location="cpu")
     assert all(p.device.type == "cpu" for p in on_cpu.parameters())
+
+
+def test_deepcopy_of_a_model_on_the_device_owns_its_tensors():
+    """An EMA or best-so-far copy, ``copy.deepcopy(model)``: the copy has tensors of its own
+    (parameters without gradients, as nn.Parameter copies); changing or deleting it leaves the
+    model whole. A plain tensor's copy takes its gradient along."""
+    local = mlp()
+    remote = copy.deepcopy(local).cuda()
+    x, y = batch()
+    for model in (local, remote):
+        for _ in range(2):   # the second backward names the parameters leaves (remote_backward.py)
+            F.cross_entropy(model(x.to(next(model.parameters()).device)), y.to(model[0].weight.device)).backward()
+    twin_local, twin = copy.deepcopy(local), copy.deepcopy(remote)
+    for p, q in zip(twin_local.parameters(), twin.parameters()):
+        assert isinstance(q, nn.Parameter) and q.requires_grad and q.is_cuda
+        same(q, p)
+        assert p.grad is None and q.grad is None
+    leaf = remote[0].weight.detach().clone().requires_grad_()
+    leaf.grad = remote[0].weight.grad
+    twin_leaf = copy.deepcopy(leaf)
+    same(twin_leaf.grad, local[0].weight.grad, **FP32)
+    assert twin_leaf.grad._handle.id != leaf.grad._handle.id
+    with torch.no_grad():
+        for m in (twin_local, twin):
+            m[0].weight.mul_(2)
+    same(remote[0].weight, local[0].weight)
+    same(twin[0].weight, twin_local[0].weight)
+    del twin
+    gc.collect()
+    same(remote(x.cuda()), local(x), **FP32)
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(remote(x.cuda()))
 
 
 # --- 5. printing, .item(), .tolist(), .numpy() -----------------------------------------------------

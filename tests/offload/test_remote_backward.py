@@ -150,8 +150,8 @@ def test_retain_graph_and_autograd_grad_are_traced_with_the_cpu_numbers(records)
         results.append([g.cpu(), first.grad.cpu()])
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, **FP32)
-    # Only the last backward of the retained graph, a plain one, ran on the worker.
-    assert records.count(BACKWARD) == 1
+    # The retained graph's traced backward unmarked the parameters: its second one is traced too.
+    assert records.count(BACKWARD) == 0
 
 
 class Scale(torch.autograd.Function):
@@ -281,3 +281,42 @@ def test_a_backward_record_for_a_tensor_without_graph_is_a_clear_device_error(re
     with pytest.raises(RuntimeError, match="no autograd graph on this worker"):
         torch.cuda.synchronize()
     assert (t + 1).sum().item() == 6   # the device goes on
+
+
+def test_a_traced_backward_unmarks_its_parameters_until_a_plain_one_marks_them_again(records):
+    """A graph the worker built for parameters whose backward is traced would only hold memory."""
+    from offload.tensor import LeafHandle
+
+    local, remote = pair()
+    marked = []
+    for model in (local, remote):
+        x, y = (t.to(model[0].weight.device) for t in batch())
+        for retain in (False, False, True, False, False):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward(retain_graph=retain)
+            marked.append(all(type(getattr(p, "_handle", None)) is LeafHandle for p in model.parameters()))
+    same_parameters(remote, local)
+    assert marked[5:] == [True, True, False, True, True]
+    assert records.count(BACKWARD) == 2   # the second backward and the fifth
+
+
+def test_a_checkpointed_model_is_traced_and_builds_no_graph_on_the_worker(records):
+    from torch.utils.checkpoint import checkpoint
+
+    from offload.tensor import LeafHandle
+
+    local, remote = pair()
+    losses = []
+    for model in (local, remote):
+        x, y = (t.to(model[0].weight.device) for t in batch())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(checkpoint(model, x, use_reentrant=False), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses[3:]), torch.tensor(losses[:3]), **FP32)
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 0
+    assert not any(type(p._handle) is LeafHandle for p in remote.parameters())
