@@ -107,13 +107,13 @@ class RemoteRef:
         self.id = id
 
     def __eq__(self, other):
-        return type(other) is RemoteRef and other.id == self.id
+        return type(other) is type(self) and other.id == self.id
 
     def __hash__(self):
-        return hash((RemoteRef, self.id))
+        return hash((type(self), self.id))
 
     def __repr__(self):
-        return f"RemoteRef(id={self.id})"
+        return f"{type(self).__name__}(id={self.id})"
 
 
 class LeafRef(RemoteRef):
@@ -122,15 +122,6 @@ class LeafRef(RemoteRef):
     (docs/PROTOCOL.md, ``moai::backward``)."""
 
     __slots__ = ()
-
-    def __eq__(self, other):
-        return type(other) is LeafRef and other.id == self.id
-
-    def __hash__(self):
-        return hash((LeafRef, self.id))
-
-    def __repr__(self):
-        return f"LeafRef(id={self.id})"
 
 
 _REF_TYPES = {EXT_REMOTE_REF: RemoteRef, EXT_LEAF_REF: LeafRef}

@@ -21,13 +21,15 @@ the front as before, with the same results:
 
 A parameter's first backward is traced on the front and marks it a leaf (``LeafHandle``); the
 backwards of graphs recorded after that run on the worker. A backward that must be traced unmarks
-its parameters: a graph the worker built for them would only hold memory. Hooks registered on a
-graph's nodes themselves (``grad_fn.register_hook``) are not seen and do not run on the worker's
-backward.
+its parameters for good: a graph the worker built for them would only hold memory. Hooks
+registered on a graph's nodes themselves (``grad_fn.register_hook``) are not seen and do not run
+on the worker's backward. A leaf that only undefined gradients reach gets zeros, where torch
+leaves its ``.grad`` as it was (the front hands gradients out before the worker computes them).
 """
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch.autograd.function import BackwardCFunction
@@ -41,6 +43,7 @@ _ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.nex
 _OWN_FUNCTIONS = frozenset({_Linear._backward_cls})   # custom Functions the worker's graph has too
 _saved_names: dict[type, tuple[str, ...]] = {}        # node type -> its saved tensors' attributes
 _graph_hooks_seen = False
+_traced: weakref.WeakSet = weakref.WeakSet()   # handles of leaves whose backwards stay traced
 _DONE = "moai_backward_ran"   # in the root node's metadata once the worker ran its backward
 _META = torch.device("meta")
 _empty_strided = torch._C._VariableFunctions.empty_strided   # no Python reference kernel
@@ -97,24 +100,25 @@ def _run_on_worker(tensors, plain: bool) -> bool:
     session = sessions.current()
     if not session.runs_backward:
         return False
+    session.stream.flush()   # the forward's last ops: the worker runs them while this walks
     nodes, leaves, reproducible = _walk(loss.grad_fn)
+    grads = [v.grad for v in leaves]
     if not (plain and reproducible and loss.numel() == 1 and loss.is_floating_point()
-            and not _graph_hooks_seen and not torch.nn.modules.module._global_backward_hooks):
-        # Traced: graphs the worker built for these parameters would only hold memory (all the
-        # activations of a checkpointed model, say).
+            and not _graph_hooks_seen and not torch.nn.modules.module._global_backward_hooks
+            and all(_worker_can_set(v, g) for v, g in zip(leaves, grads))):
+        # Traced, and so are these parameters' backwards from now on: graphs the worker built
+        # for them would only hold memory (all the activations of a checkpointed model, or those
+        # of a step whose backward is traced, until its loss dies).
         for v in leaves:
             v._handle = v._handle.plain
+            _traced.add(v._handle)
         return False
     first_node = min(n._sequence_nr() for n in nodes)
     unmarked = [v for v in leaves if type(v._handle) is not LeafHandle or v._handle.marked_at >= first_node]
     if unmarked:
-        _mark(unmarked)
+        if not any(v._handle.plain in _traced for v in unmarked):
+            _mark(unmarked)
         return False
-    grads = [v.grad for v in leaves]
-    if any(not v.is_contiguous() or g is not None and (type(g) is not RemoteTensor or g.shape != v.shape
-                                                         or g.dtype != v.dtype)
-           for g, v in zip(grads, leaves)):
-        return False   # a gradient the program set itself, or a layout the worker's would not have
     metadata = loss.grad_fn.metadata
     if _DONE in metadata:
         _freed(None)
@@ -128,6 +132,16 @@ def _run_on_worker(tensors, plain: bool) -> bool:
             v.grad = RemoteTensor(_empty_strided(v.shape, v.stride(), dtype=v.dtype, device=_META), tid)
     _release_saved(nodes)
     return True
+
+
+def _worker_can_set(leaf: RemoteTensor, grad) -> bool:
+    """Whether the gradient the worker stores can be this leaf's ``.grad``: none yet, or one of the
+    leaf's shape and dtype on the device (not one the program set itself), and a contiguous leaf
+    (the gradient's layout then is the same on both sides)."""
+    if not leaf.is_contiguous():
+        return False
+    return grad is None or (type(grad) is RemoteTensor and grad.shape == leaf.shape
+                            and grad.dtype == leaf.dtype)
 
 
 def _walk(root) -> tuple[list, list, bool]:

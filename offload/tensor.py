@@ -27,7 +27,7 @@ class Handle:
     """The worker-side id of one tensor; freeing the last wrapper frees the remote tensor.
     ``ref`` is the id as op records name it, packed once for all the records using it."""
 
-    __slots__ = ("id", "ref")
+    __slots__ = ("id", "ref", "__weakref__")
 
     def __init__(self, tid: int):
         self.id = tid

@@ -326,8 +326,8 @@ class Executor:
         for leaf, grad_ref, tid in zip(leaves, grad_refs, out):
             grad, leaf.grad = leaf.grad, None
             if grad is None:
-                # No gradient reached it (a path of integer ops only): zeros where torch leaves
-                # None, since the front has handed out a gradient already.
+                # Only undefined gradients reached it (torch then leaves ``.grad`` as it was):
+                # the front has handed out a gradient already, so it is zeros.
                 grad = torch.zeros_like(leaf)
             if grad_ref is not None:
                 self._resolve(grad_ref).add_(grad)

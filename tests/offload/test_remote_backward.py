@@ -283,7 +283,7 @@ def test_a_backward_record_for_a_tensor_without_graph_is_a_clear_device_error(re
     assert (t + 1).sum().item() == 6   # the device goes on
 
 
-def test_a_traced_backward_unmarks_its_parameters_until_a_plain_one_marks_them_again(records):
+def test_a_traced_backward_keeps_its_parameters_traced_from_then_on(records):
     """A graph the worker built for parameters whose backward is traced would only hold memory."""
     from offload.tensor import LeafHandle
 
@@ -296,8 +296,13 @@ def test_a_traced_backward_unmarks_its_parameters_until_a_plain_one_marks_them_a
             F.cross_entropy(model(x), y).backward(retain_graph=retain)
             marked.append(all(type(getattr(p, "_handle", None)) is LeafHandle for p in model.parameters()))
     same_parameters(remote, local)
-    assert marked[5:] == [True, True, False, True, True]
-    assert records.count(BACKWARD) == 2   # the second backward and the fifth
+    assert marked[5:] == [True, True, False, False, False]
+    assert records.count(BACKWARD) == 1   # the second backward
+    fresh = copy.deepcopy(remote)   # a copy's parameters are new tensors: marked again
+    x, y = (t.cuda() for t in batch())
+    for _ in range(2):
+        F.cross_entropy(fresh(x), y).backward()
+    assert records.count(BACKWARD) == 2
 
 
 def test_a_checkpointed_model_is_traced_and_builds_no_graph_on_the_worker(records):
