@@ -214,26 +214,49 @@ def llama_steps(dev: str, size: ModelSize, seed: int):
     return step
 
 
-def bench_llama(args, size: ModelSize) -> dict:
+def bench_llama(args, size: ModelSize, traced_backward: bool = False) -> dict:
     """Warm-up steps on both sides, then the timed steps one by one alternately, an offloaded step
-    then a native one: a slow spell of a shared machine (seconds long on a VM) hits both sides."""
-    offloaded, native = llama_steps("cuda", size, args.seed), llama_steps("cpu", size, args.seed)
+    then a native one: a slow spell of a shared machine (seconds long on a VM) hits both sides.
+
+    ``traced_backward`` adds a third side, alternating with the two: a second model whose
+    backward is traced op by op on the front (as before the worker ran it, and as on a device of
+    several workers), its results under ``"traced_backward"``."""
+    sides = {"offloaded": llama_steps("cuda", size, args.seed), "native": llama_steps("cpu", size, args.seed)}
+    if traced_backward:
+        sides["traced_backward"] = _backward_traced(llama_steps("cuda", size, args.seed))
     for _ in range(args.warmup):
-        offloaded(), native()
+        for step in sides.values():
+            step()
     shapes = offload.dispatch.SHAPES
     hits, misses = shapes.hits, shapes.misses
     stream = session.current().stream
-    seq = stream.seq
-    off_times, traced, native_times = [], [], []
+    times = {name: [] for name in sides}
+    tracing, records = {name: [] for name in sides}, {name: 0 for name in sides}
     for _ in range(args.steps):
-        total, t = offloaded()
-        off_times.append(total)
-        traced.append(t)
-        native_times.append(native()[0])
-    return {"offloaded": statistics.median(off_times), "native": statistics.median(native_times),
-            "traced": statistics.median(traced), "steps": len(off_times),
-            "hits": shapes.hits - hits, "misses": shapes.misses - misses,
-            "records": (stream.seq - seq) / len(off_times)}
+        for name, step in sides.items():
+            seq = stream.seq
+            total, traced = step()
+            times[name].append(total)
+            tracing[name].append(traced)
+            records[name] += stream.seq - seq
+    result = {name: statistics.median(t) for name, t in times.items()}
+    result.update(steps=args.steps, hits=shapes.hits - hits, misses=shapes.misses - misses,
+                  traced=statistics.median(tracing["offloaded"]), records=records["offloaded"] / args.steps)
+    if traced_backward:
+        result.update(traced_backward_tracing=statistics.median(tracing["traced_backward"]),
+                      traced_backward_records=records["traced_backward"] / args.steps)
+    return result
+
+
+def _backward_traced(step):
+    def run():
+        s = session.current()
+        s.runs_backward = False
+        try:
+            return step()
+        finally:
+            s.runs_backward = True
+    return run
 
 
 def print_step_details(args, r: dict):
@@ -307,20 +330,17 @@ def main():
                       flush=True)
 
             for name, size in (("train.py's defaults", REFERENCE_SIZE), ("larger", LARGER_SIZE)):
-                r = bench_llama(args, size)
+                r = bench_llama(args, size, traced_backward=size == REFERENCE_SIZE)
                 ratio = r["offloaded"] / r["native"]
                 print(f"(4) Llama training step, {name} ({size}): offloaded {r['offloaded'] * 1e3:.1f} ms "
                       f"vs native {r['native'] * 1e3:.1f} ms = {ratio:.2f}x  target <= {MAX_STEP_RATIO:g}x  "
                       f"-> {verdict(ratio <= MAX_STEP_RATIO)}")
                 print_step_details(args, r)
-            # The same at the defaults with the backward traced on the front, as before the
-            # worker ran it (offload/remote_backward.py), and as a job of several workers does.
-            session.current().runs_backward = False
-            r = bench_llama(args, REFERENCE_SIZE)
-            session.current().runs_backward = True
-            print(f"    for comparison, the backward traced on the front: offloaded {r['offloaded'] * 1e3:.1f} ms "
-                  f"vs native {r['native'] * 1e3:.1f} ms = {r['offloaded'] / r['native']:.2f}x")
-            print_step_details(args, r)
+                if "traced_backward" in r:
+                    print(f"    alternating with them, the backward traced on the front (offload/remote_backward.py "
+                          f"off): {r['traced_backward'] * 1e3:.1f} ms = {r['traced_backward'] / r['native']:.2f}x, "
+                          f"{r['traced_backward_records']:.0f} op records, front tracing "
+                          f"{r['traced_backward_tracing'] * 1e3:.1f} ms", flush=True)
             print(f"# {load()}; bench took {time.perf_counter() - started:.0f} s")
         finally:
             session.close()
