@@ -73,7 +73,7 @@ def install():
     _note_when_called(torch.autograd.graph.saved_tensors_hooks, "__enter__")
 
 
-def note_graph_hook():
+def _note_graph_hook():
     """A hook on an inner tensor or a module, or saved-tensor hooks: from now on every backward is
     traced on the front."""
     global _graph_hooks_seen
@@ -86,7 +86,7 @@ def _note_when_called(cls, name: str, applies=lambda obj: True):
     @functools.wraps(original)
     def noted(self, *args, **kwargs):
         if applies(self):
-            note_graph_hook()
+            _note_graph_hook()
         return original(self, *args, **kwargs)
 
     setattr(cls, name, noted)
