@@ -325,3 +325,102 @@ def test_a_checkpointed_model_is_traced_and_builds_no_graph_on_the_worker(record
     same_parameters(remote, local)
     assert records.count(BACKWARD) == 0
     assert not any(type(p._handle) is LeafHandle for p in remote.parameters())
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, dim=16, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim * kv_heads // heads)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2 * self.kv_heads, -1).transpose(1, 2).chunk(2, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+MODELS = {
+    "lstm": (Recurrent, lambda: torch.randn(4, 5, 6)),
+    "conv-batchnorm": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                             nn.Linear(4 * 6 * 6, 3)), lambda: torch.randn(4, 3, 8, 8)),
+    "embedding-dropout": (lambda: nn.Sequential(nn.Embedding(20, 8), nn.Dropout(0.2), nn.Linear(8, 3)),
+                          lambda: torch.randint(0, 20, (4, 7))),
+    "gqa-attention": (GroupedQueryAttention, lambda: torch.randn(2, 6, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_beyond_the_mlp_train_alike_on_the_worker_traced_and_on_the_cpu(records, name):
+    """The worker's graph of each layer kind gives the gradients of the traced backward and of
+    the CPU, dropout's random draws included."""
+    from offload import session
+
+    build, make_input = MODELS[name]
+    torch.manual_seed(0)
+    local = build()
+    x = make_input()
+    models = {"cpu": local, "worker": copy.deepcopy(local).cuda(), "traced": copy.deepcopy(local).cuda()}
+    losses = {side: [] for side in models}
+    s = session.current()
+    for step in range(3):
+        for side, model in models.items():
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            opt.zero_grad()
+            torch.manual_seed(step)   # the device's generator too: dropout draws the CPU's numbers
+            loss = model(x.to(next(model.parameters()).device)).float().square().mean()
+            s.runs_backward = side != "traced"
+            try:
+                loss.backward()
+            finally:
+                s.runs_backward = True
+            opt.step()
+            losses[side].append(loss.item())
+    for side in ("worker", "traced"):
+        torch.testing.assert_close(torch.tensor(losses[side]), torch.tensor(losses["cpu"]), **FP32)
+        same_parameters(models[side], local)
+    assert records.count(BACKWARD) == 2
+
+
+def test_autocast_and_grad_scaler_steps_match_the_traced_backward(records):
+    """Mixed precision: the casts autocast streams are in the worker's graph; the scaled loss's
+    gradients are unscaled from the gradients the worker stored."""
+    from offload import session
+
+    torch.manual_seed(0)
+    local = GroupedQueryAttention()
+    models = {"worker": copy.deepcopy(local).cuda(), "traced": copy.deepcopy(local).cuda()}
+    x = torch.randn(2, 6, 16).cuda()
+    s = session.current()
+    losses = {side: [] for side in models}
+    for side, model in models.items():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(x).float().square().mean()
+            s.runs_backward = side == "worker"
+            try:
+                scaler.scale(loss).backward()
+            finally:
+                s.runs_backward = True
+            scaler.step(opt)
+            scaler.update()
+            losses[side].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["worker"]), torch.tensor(losses["traced"]), rtol=1e-3, atol=1e-4)
+    for p, q in zip(models["traced"].parameters(), models["worker"].parameters()):
+        torch.testing.assert_close(q.detach().cpu(), p.detach().cpu(), rtol=1e-3, atol=1e-4)
+    assert records.count(BACKWARD) == 2
