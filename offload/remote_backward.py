@@ -29,6 +29,7 @@ leaves its ``.grad`` as it was (the front hands gradients out before the worker 
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import torch
@@ -113,8 +114,11 @@ def _run_on_worker(tensors, plain: bool) -> bool:
             v._handle = v._handle.plain
             _traced.add(v._handle)
         return False
-    first_node = min(n._sequence_nr() for n in nodes)
-    unmarked = [v for v in leaves if type(v._handle) is not LeafHandle or v._handle.marked_at >= first_node]
+    # Sequence numbers count per thread: a graph is known to be recorded after the marking only
+    # in the thread that marked (a program's forward and backward run in one thread).
+    thread, first_node = threading.get_ident(), min(n._sequence_nr() for n in nodes)
+    unmarked = [v for v in leaves if type(v._handle) is not LeafHandle
+                or v._handle.marked_at[0] != thread or v._handle.marked_at[1] >= first_node]
     if unmarked:
         if not any(v._handle.plain in _traced for v in unmarked):
             _mark(unmarked)
@@ -177,7 +181,7 @@ def _walk(root) -> tuple[list, list, bool]:
 def _mark(leaves: list):
     """Name these parameters as leaves in the records from now on."""
     with torch.enable_grad():
-        now = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+        now = (threading.get_ident(), (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr())
     for v in leaves:
         v._handle = LeafHandle(v._handle.plain, now)
 

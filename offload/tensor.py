@@ -45,12 +45,12 @@ class Handle:
 class LeafHandle(Handle):
     """The handle of a parameter whose backward the worker runs (offload/remote_backward.py): the
     same remote tensor, named in records as a leaf of the worker's autograd graph. Its ``plain``
-    handle keeps the tensor alive; ``marked_at`` is the autograd sequence number when it was
-    made: graphs recorded before then have no leaf for it on the worker."""
+    handle keeps the tensor alive; ``marked_at`` is (thread, autograd sequence number) when it was
+    made: graphs that thread recorded before then have no leaf for it on the worker."""
 
     __slots__ = ("plain", "marked_at")
 
-    def __init__(self, plain: Handle, marked_at: int):
+    def __init__(self, plain: Handle, marked_at: tuple[int, int]):
         self.id, self.plain, self.marked_at = plain.id, plain, marked_at
         self.ref = packed_ref(plain.id, leaf=True)
 

@@ -424,3 +424,34 @@ def test_autocast_and_grad_scaler_steps_match_the_traced_backward(records):
     for p, q in zip(models["traced"].parameters(), models["worker"].parameters()):
         torch.testing.assert_close(q.detach().cpu(), p.detach().cpu(), rtol=1e-3, atol=1e-4)
     assert records.count(BACKWARD) == 2
+
+
+def test_a_graph_recorded_in_another_thread_before_the_parameters_were_marked_is_traced(records):
+    """Autograd numbers its nodes per thread, so a graph's numbers say it came after the marking
+    only in the thread that marked. Here another thread's numbers run past the main thread's, that
+    thread records a graph, the main thread then marks the parameters, and the other thread's
+    graph, which names them as plain tensors, must still be traced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sequence_number() -> int:
+        with torch.enable_grad():
+            return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+
+    local, remote = pair()
+    x, y = batch()
+    main_thread_number = sequence_number()
+    other = ThreadPoolExecutor(max_workers=1)
+
+    def forward_past(number):
+        while sequence_number() <= number + 1000:
+            pass
+        return F.cross_entropy(remote(x.cuda()), y.cuda())
+
+    early = other.submit(forward_past, main_thread_number).result()
+    F.cross_entropy(remote(x.cuda()), y.cuda()).backward()   # traced: marks the parameters
+    other.submit(early.backward).result()
+    other.shutdown()
+    for _ in range(2):
+        F.cross_entropy(local(x), y).backward()
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 0
