@@ -450,7 +450,8 @@ def upload_hint(src: torch.Tensor) -> str:
 
 
 def install_upload_hints():
-    """Wrap ``Module._apply`` so that uploads made by it are told apart from batches."""
+    """Wrap ``Module._apply`` so that uploads made by it are told apart from batches, and so that
+    parameters shared by several modules (tied embeddings) stay one parameter on the device."""
     original = torch.nn.Module._apply
     if getattr(original, "_moai_marks_uploads", False):
         return
@@ -460,12 +461,37 @@ def install_upload_hints():
         outer = getattr(_moving_module, "active", False)   # _apply recurses into children
         _moving_module.active = True
         try:
-            return original(self, *args, **kwargs)
+            if outer:
+                return original(self, *args, **kwargs)
+            shared = _shared_parameters(self)
+            result = original(self, *args, **kwargs)
+            _tie_again(shared)
+            return result
         finally:
             _moving_module.active = outer
 
     _apply._moai_marks_uploads = True
     torch.nn.Module._apply = _apply
+
+
+def _shared_parameters(module: torch.nn.Module) -> list[list[tuple]]:
+    """The (module, name) places of each parameter that more than one place holds."""
+    places: dict[int, list[tuple]] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((m, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def _tie_again(shared: list[list[tuple]]):
+    """Native ``model.cuda()`` keeps a shared parameter shared: it swaps the parameter's data in
+    place. A CPU tensor's data cannot become a device tensor's, so ``Module._apply`` made a new
+    parameter in each module: the first one made serves them all again."""
+    for (first, first_name), *others in shared:
+        p = first._parameters[first_name]
+        for m, name in others:
+            m._parameters[name] = p
 
 
 def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):

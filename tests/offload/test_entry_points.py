@@ -781,6 +781,22 @@ def test_module_dtype_conversion_on_the_device(convert):
     same(remote[2].bias, local[2].bias.float())
 
 
+@pytest.mark.parametrize("move", [lambda m: m.cuda(), lambda m: m.to("cuda"), lambda m: m.to("cuda").half()],
+                         ids=["cuda", "to-cuda", "to-cuda-then-half"])
+def test_moving_a_model_keeps_tied_parameters_tied(move):
+    """An embedding shared with the output layer (GPT-2, T5): one parameter, one gradient."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
+    model.head.weight = model.embed.weight
+    remote = move(copy.deepcopy(model))
+    assert remote.head.weight is remote.embed.weight and remote.head.weight.is_cuda
+    assert len(list(remote.parameters())) == 1
+    tokens = torch.tensor([1, 2, 3])
+    for m in (model, remote):
+        m.head(m.embed(tokens.to(m.embed.weight.device))).float().sum().backward()
+    same(remote.embed.weight.grad.float(), model.embed.weight.grad, rtol=1e-2, atol=1e-2)
+
+
 def test_equal_allclose_and_nvtx():
     a = torch.tensor([1.0, 2.0, 3.0])
     ra = a.cuda()

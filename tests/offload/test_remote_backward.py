@@ -455,3 +455,46 @@ def test_a_graph_recorded_in_another_thread_before_the_parameters_were_marked_is
         F.cross_entropy(local(x), y).backward()
     same_parameters(remote, local)
     assert records.count(BACKWARD) == 0
+
+
+class TiedLanguageModel(nn.Module):
+    """Input embedding and output projection share one weight, as in GPT-2 and Llama variants."""
+
+    def __init__(self, vocab=12, dim=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.body(self.embed(tokens)))
+
+
+def test_tied_weights_frozen_layers_and_evaluation_between_steps(records):
+    """One leaf reached from two places, parameters that take no gradient, and evaluation passes
+    (under no_grad, and without it, its result dropped) between the training steps."""
+    torch.manual_seed(0)
+    local = TiedLanguageModel()
+    local.body[0].bias.requires_grad_(False)
+    remote = copy.deepcopy(local).cuda()
+    tokens = torch.randint(0, 12, (4, 6))
+    losses = {}
+    for model in (local, remote):
+        x = tokens.to(model.embed.weight.device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        trace = []
+        for step in range(4):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                trace.append(model(x).square().mean().item())
+            trace.append(model(x).sum().item())   # a graph nobody backwards
+            trace.append(loss.item())
+        losses[model is remote] = trace
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), **FP32)
+    same_parameters(remote, local)
+    assert remote.head.weight is remote.embed.weight and remote.body[0].bias.grad is None
+    assert records.count(BACKWARD) == 3
