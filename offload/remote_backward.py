@@ -95,24 +95,25 @@ def _note_when_called(cls, name: str, applies=lambda obj: True):
 
 def _run_on_worker(tensors, plain: bool) -> bool:
     """Run this backward on the worker if it can; False: the caller traces it."""
-    loss = tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 else tensors
-    if type(loss) is not RemoteTensor or loss.grad_fn is None:
+    given = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+    roots = [t for t in given if type(t) is RemoteTensor and t.grad_fn is not None]
+    if not roots:
         return False
     session = sessions.current()
     if not session.runs_backward:
         return False
     session.stream.flush()   # the forward's last ops: the worker runs them while this walks
+    if len(given) != 1:   # several losses at once (or gradient edges): traced
+        for root in roots:
+            _stay_traced(_walk(root.grad_fn)[1])
+        return False
+    loss = roots[0]
     nodes, leaves, reproducible = _walk(loss.grad_fn)
     grads = [v.grad for v in leaves]
     if not (plain and reproducible and loss.numel() == 1 and loss.is_floating_point()
             and not _graph_hooks_seen and not torch.nn.modules.module._global_backward_hooks
             and all(_worker_can_set(v, g) for v, g in zip(leaves, grads))):
-        # Traced, and so are these parameters' backwards from now on: graphs the worker built
-        # for them would only hold memory (all the activations of a checkpointed model, or those
-        # of a step whose backward is traced, until its loss dies).
-        for v in leaves:
-            v._handle = v._handle.plain
-            _traced.add(v._handle)
+        _stay_traced(leaves)
         return False
     # Sequence numbers count per thread: a graph is known to be recorded after the marking only
     # in the thread that marked (a program's forward and backward run in one thread).
@@ -136,6 +137,15 @@ def _run_on_worker(tensors, plain: bool) -> bool:
             v.grad = RemoteTensor(_empty_strided(v.shape, v.stride(), dtype=v.dtype, device=_META), tid)
     _release_saved(nodes)
     return True
+
+
+def _stay_traced(leaves: list):
+    """These parameters' backwards are traced from now on: graphs the worker built for them would
+    only hold memory (all the activations of a checkpointed model, or those of a step whose
+    backward is traced, until its loss dies)."""
+    for v in leaves:
+        v._handle = v._handle.plain
+        _traced.add(v._handle)
 
 
 def _worker_can_set(leaf: RemoteTensor, grad) -> bool:

@@ -305,6 +305,24 @@ def test_a_traced_backward_keeps_its_parameters_traced_from_then_on(records):
     assert records.count(BACKWARD) == 2
 
 
+def test_several_losses_backwarded_at_once_are_traced_and_keep_their_parameters_traced(records):
+    from offload.tensor import LeafHandle
+
+    local, remote = pair()
+    for model in (local, remote):
+        x, y = (t.to(model[0].weight.device) for t in batch())
+        for step in range(3):
+            model.zero_grad()
+            if step == 1:
+                out = model(x)
+                torch.autograd.backward([F.cross_entropy(out, y), out.square().mean()])
+            else:
+                F.cross_entropy(model(x), y).backward()
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 0
+    assert not any(type(p._handle) is LeafHandle for p in remote.parameters())
+
+
 def test_a_checkpointed_model_is_traced_and_builds_no_graph_on_the_worker(records):
     from torch.utils.checkpoint import checkpoint
 
