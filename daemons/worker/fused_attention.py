@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._meta_registrations import alloc_with_matching_layout   # the meta kernel's own layout
 
 from daemons.worker.kernel import Kernel
 
@@ -34,6 +35,8 @@ def forward(query, key, value, attn_bias=None, dropout_p=0.0, is_causal=False,
             query, key, value, 0.0, is_causal, attn_mask=attn_bias, scale=scale)
     else:
         out, lse = math_forward(query, key, value, attn_bias, is_causal, scale)
+    out = _laid_out(out, lambda: alloc_with_matching_layout(query, tuple(out.shape)))
+    lse = lse.contiguous()
     # The schema's other results: no cumulative sequence lengths (dense inputs), the sequence
     # lengths, an unused RNG state (no dropout) and no debug mask.
     seed = torch.empty((), dtype=torch.int64, device=query.device)
@@ -51,9 +54,19 @@ def backward(grad_out, query, key, value, attn_bias, grad_input_mask, out, logsu
     else:
         grad_q, grad_k, grad_v = math_backward(grad_out, query, key, value, attn_bias, out,
                                                logsumexp, is_causal, scale)
+    grad_q, grad_k, grad_v = (_laid_out(g, lambda x=x: torch.empty_like(x))
+                              for g, x in ((grad_q, query), (grad_k, key), (grad_v, value)))
     # The front never asks for the mask's gradient (a mask that needs one keeps the math path),
     # but the op's schema returns one wherever there is a mask.
     return grad_q, grad_k, grad_v, None if attn_bias is None else torch.zeros_like(attn_bias)
+
+
+def _laid_out(result, allocate):
+    """``result`` in the layout the front's meta kernel gives it (``allocate`` makes one such):
+    the front infers the views it takes of it from that layout, and torch's CPU flash kernels
+    lay some results out otherwise (grouped heads, inputs transposed from (B, S, H, E) ...)."""
+    expected = allocate()
+    return result if expected.stride() == result.stride() else expected.copy_(result)
 
 
 def math_forward(query, key, value, attn_bias, is_causal, scale):

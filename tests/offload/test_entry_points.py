@@ -493,6 +493,27 @@ def attention_on_both(inputs, *, mask=None, **kwargs):
     return results
 
 
+@pytest.mark.parametrize("make", [lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+                                  lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)],
+                         ids=["multihead-attention", "transformer-encoder-layer"])
+def test_torch_attention_modules_train_as_on_the_cpu(make):
+    """torch's own attention modules view the fused attention's gradients at once: the worker's
+    kernels must lay them out as the front inferred (daemons/worker/fused_attention.py)."""
+    torch.manual_seed(0)
+    local = make()
+    remote = copy.deepcopy(local).cuda()
+    x = torch.randn(2, 4, 8)
+    for _ in range(2):   # the second backward runs on the worker (offload/remote_backward.py)
+        for model in (local, remote):
+            model.zero_grad()
+            inputs = x.to(next(model.parameters()).device)
+            out = model(inputs, inputs, inputs, need_weights=False)[0] if isinstance(model, nn.MultiheadAttention) \
+                else model(inputs)
+            out.square().mean().backward()
+        for p, q in zip(local.parameters(), remote.parameters()):
+            same(q.grad, p.grad, **FP32)
+
+
 def test_attention_streams_one_fused_op_each_way_with_the_native_results(streamed_ops):
     remote, local = attention_on_both(attention_inputs(), is_causal=True, enable_gqa=True)
     assert streamed_ops.count(FUSED) == 1 and streamed_ops.count(FUSED + "_backward") == 1

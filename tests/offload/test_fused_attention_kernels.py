@@ -102,3 +102,26 @@ def test_dropout_is_refused_not_ignored():
     (q, k, v), _, _, _ = case_inputs(CASES["causal-gqa"])
     with pytest.raises(RuntimeError, match="without dropout"):
         fused_attention.forward(q, k, v, None, 0.1, True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "from-batch-seq-heads", "gqa-from-batch-seq-heads"])
+def test_results_have_the_layout_the_front_s_meta_kernel_gives_them(layout):
+    """The front infers views of these results from the op's meta kernel (nn.MultiheadAttention
+    views the query's gradient at once): the worker's results must be laid out the same way."""
+    kv_heads = 2 if layout.startswith("gqa") else 4
+    if layout == "contiguous":
+        (q, k, v), grad = inputs(4, kv_heads, 5, 5)
+    else:   # (batch, seq, heads, dim) transposed to (batch, heads, seq, dim), as attention modules do
+        g = torch.Generator().manual_seed(0)
+        q, grad = (torch.randn(2, 5, 4, 8, generator=g).transpose(1, 2) for _ in range(2))
+        k, v = (torch.randn(2, 5, kv_heads, 8, generator=g).transpose(1, 2) for _ in range(2))
+    result = fused_attention.forward(q, k, v)
+    metas = [t.to("meta") for t in (q, k, v)]
+    expected = torch.ops.aten._scaled_dot_product_fused_attention_overrideable(*metas)
+    assert result[0].stride() == expected[0].stride() and result[1].stride() == expected[1].stride()
+    grads = fused_attention.backward(grad, q, k, v, None, [True, True, True, False], result[0], result[1],
+                                     None, None, 5, 5, 0.0, False, result[6], result[7])
+    expected = torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward(
+        grad.to("meta"), *metas, None, [True, True, True, False], expected[0], expected[1], None, None,
+        5, 5, 0.0, False, expected[6], expected[7])
+    assert [g.stride() for g in grads[:3]] == [e.stride() for e in expected[:3]]
