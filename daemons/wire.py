@@ -18,8 +18,9 @@ Inside ``body`` a tensor or array is a msgpack ext value (``EXT_TENSOR`` / ``EXT
 payload is ``[dtype, shape, frame_index]``: the bytes travel as their own frame, sent with
 ``copy=False`` and received without a copy (``torch.frombuffer`` over the zmq frame).
 Other ext values carry torch scalars types that appear in op arguments (dtype, device, layout,
-memory format, complex numbers, tuples), ``RemoteRef`` (a handle to a tensor living on a worker)
-and ``LeafRef`` (the same handle, naming the tensor as a leaf of the worker's autograd graph).
+memory format, complex numbers, tuples), ``RemoteRef`` (a handle to a tensor living on a worker),
+and ``LeafRef`` / ``DetachedRef`` (the same handle, naming the tensor as a leaf of the worker's
+autograd graph / detached from it).
 
 Replies reuse the request's ``id`` and have ``type`` ``"ok"`` or ``"error"``; an error body is
 ``{"code": str, "message": str}``. Malformed input never raises out of a server loop: it is
@@ -69,6 +70,7 @@ EXT_COMPLEX = 7
 EXT_TUPLE = 8
 EXT_REMOTE_REF = 9
 EXT_LEAF_REF = 10
+EXT_DETACHED_REF = 11
 
 
 class WireError(Exception):
@@ -124,16 +126,24 @@ class LeafRef(RemoteRef):
     __slots__ = ()
 
 
-_REF_TYPES = {EXT_REMOTE_REF: RemoteRef, EXT_LEAF_REF: LeafRef}
+class DetachedRef(RemoteRef):
+    """A tensor as ``detach()`` made it: a worker runs the op on the tensor detached from its own
+    autograd graph (docs/PROTOCOL.md, ``moai::backward``)."""
+
+    __slots__ = ()
 
 
-def packed_ref(tid: int, leaf: bool = False) -> msgpack.ExtType:
-    """``RemoteRef(tid)`` (``LeafRef(tid)`` with ``leaf``) already in the form the packer writes,
-    which msgpack packs without a ``default`` call: a sender naming one tensor in many records
-    (the front's op stream) makes it once per tensor."""
+_REF_TYPES = {EXT_REMOTE_REF: RemoteRef, EXT_LEAF_REF: LeafRef, EXT_DETACHED_REF: DetachedRef}
+_REF_CODES = {kind: code for code, kind in _REF_TYPES.items()}
+
+
+def packed_ref(tid: int, code: int = EXT_REMOTE_REF) -> msgpack.ExtType:
+    """``RemoteRef(tid)`` (or, by ``code``, ``LeafRef`` / ``DetachedRef``) already in the form the
+    packer writes, which msgpack packs without a ``default`` call: a sender naming one tensor in
+    many records (the front's op stream) makes it once per tensor."""
     # tuple.__new__: ExtType's own __new__ re-checks in Python the two types known here, which
     # took a third of this function's time (the front makes one ref per tensor it creates).
-    return tuple.__new__(msgpack.ExtType, (EXT_LEAF_REF if leaf else EXT_REMOTE_REF, _INT_PACKER.pack(tid)))
+    return tuple.__new__(msgpack.ExtType, (code, _INT_PACKER.pack(tid)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +210,7 @@ class _Packer:
 
     def default(self, obj):
         if isinstance(obj, RemoteRef):  # first: op streams are mostly references
-            return packed_ref(obj.id, type(obj) is LeafRef)
+            return packed_ref(obj.id, _REF_CODES[type(obj)])
         torch = _loaded_torch()
         if torch is not None:
             if isinstance(obj, torch.Tensor):

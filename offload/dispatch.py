@@ -21,7 +21,7 @@ import torch
 from daemons.wire import RemoteRef
 from offload import session as sessions
 from offload.device import DEVICE
-from offload.tensor import VISIBLE_DEVICE, RemoteTensor
+from offload.tensor import VISIBLE_DEVICE, DetachedHandle, LeafHandle, RemoteTensor
 
 aten = torch.ops.aten
 META = torch.device("meta")
@@ -514,11 +514,20 @@ def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
 
 @DISPATCHER.rule(aten.detach.default, aten.alias.default)
 def alias(func, args, kwargs):
-    """The same remote tensor under a second wrapper: a worker's tensors carry no autograd
-    history, so it needs no op (autograd saves its tensors through detach, tens a step)."""
+    """The same remote tensor under a second wrapper: no op travels (autograd saves its tensors
+    through detach, tens a step). A parameter's alias names the plain tensor, no leaf of any
+    graph; the detached one of a tensor with a graph names it detached, since the worker's tensor
+    may carry the worker's graph (offload/remote_backward.py)."""
     src = args[0]
-    # The plain handle: a parameter's alias (``.data``, ``detach``) is no leaf of any graph.
-    return RemoteTensor(func(src._meta), src._handle.plain)
+    handle = src._handle
+    if type(handle) is LeafHandle:
+        handle = handle.plain
+    elif func is _DETACH and src.requires_grad and not src.is_leaf:
+        handle = DetachedHandle(handle)
+    return RemoteTensor(func(src._meta), handle)
+
+
+_DETACH = aten.detach.default
 
 
 @DISPATCHER.rule(aten._local_scalar_dense.default)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from daemons.wire import packed_ref
+from daemons.wire import EXT_DETACHED_REF, EXT_LEAF_REF, packed_ref
 from offload import session
 from offload.device import DEVICE
 
@@ -52,10 +52,25 @@ class LeafHandle(Handle):
 
     def __init__(self, plain: Handle, marked_at: tuple[int, int]):
         self.id, self.plain, self.marked_at = plain.id, plain, marked_at
-        self.ref = packed_ref(plain.id, leaf=True)
+        self.ref = packed_ref(plain.id, EXT_LEAF_REF)
 
     def __del__(self):
         pass  # the plain handle frees the remote tensor
+
+
+class DetachedHandle(Handle):
+    """The handle of ``detach()``'s result of a tensor with a graph: the same remote tensor, named
+    in records as detached, since the worker's tensor may carry the worker's own autograd graph
+    (offload/remote_backward.py). ``base`` keeps the tensor alive."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: Handle):
+        self.id, self.base = base.id, base
+        self.ref = packed_ref(base.id, EXT_DETACHED_REF)
+
+    def __del__(self):
+        pass  # the base handle frees the remote tensor
 
 
 class RemoteTensor(torch.Tensor):
@@ -69,7 +84,7 @@ class RemoteTensor(torch.Tensor):
         """A wrapper of remote tensor ``tid``, or a second wrapper of one through its ``Handle``
         (``detach``: the remote tensor is freed with the last of them)."""
         return cls._wrap(meta, meta.shape, meta.stride(), meta.storage_offset(), meta.dtype,
-                         tid if type(tid) is Handle else Handle(tid), requires_grad)
+                         tid if isinstance(tid, Handle) else Handle(tid), requires_grad)
 
     @classmethod
     def described(cls, meta: torch.Tensor, shape: tuple, stride: tuple, offset: int, dtype: torch.dtype,

@@ -58,14 +58,16 @@ def test_torch_scalar_types_and_refs():
 
 
 @pytest.mark.parametrize("tid", [5, 300, 70000, 2**40], ids=["fixint", "uint16", "uint32", "uint64"])
-def test_leaf_refs_stay_leaf_refs_and_plain_refs_plain(tid):
-    """A parameter named as a leaf of the worker's graph must never arrive as the plain tensor,
-    nor the plain tensor as a leaf (docs/PROTOCOL.md, ``moai::backward``)."""
-    body = [wire.LeafRef(tid), wire.RemoteRef(tid), wire.packed_ref(tid, leaf=True), wire.packed_ref(tid)]
+def test_leaf_detached_and_plain_refs_stay_what_they_are(tid):
+    """A parameter named as a leaf of the worker's graph, or a tensor detached from it, must
+    never arrive as the plain tensor, nor the other way round (docs/PROTOCOL.md,
+    ``moai::backward``)."""
+    body = [wire.LeafRef(tid), wire.RemoteRef(tid), wire.DetachedRef(tid), wire.packed_ref(tid, wire.EXT_LEAF_REF),
+            wire.packed_ref(tid), wire.packed_ref(tid, wire.EXT_DETACHED_REF)]
     out = roundtrip(body).body
-    assert [type(r) for r in out] == [wire.LeafRef, wire.RemoteRef, wire.LeafRef, wire.RemoteRef]
+    assert [type(r) for r in out] == [wire.LeafRef, wire.RemoteRef, wire.DetachedRef] * 2
     assert {r.id for r in out} == {tid}
-    assert wire.LeafRef(tid) != wire.RemoteRef(tid)
+    assert wire.LeafRef(tid) != wire.RemoteRef(tid) != wire.DetachedRef(tid)
 
 
 def test_torch_is_loaded_only_by_the_first_torch_value_received():

@@ -24,7 +24,8 @@ the stream's grad mode (``moai::grad_mode``) is on, to a leaf sharing the tensor
 requiring grad, so the forward builds an autograd graph here as it would natively; the table
 keeps the plain tensor, which ops without grad mode and the ops writing into a parameter get.
 ``moai::backward`` then runs torch's autograd on that graph: one record instead of a backward
-traced op by op on the front.
+traced op by op on the front. What the program detached names its tensor as a ``DetachedRef``,
+which resolves to the tensor detached from that graph.
 """
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ class Executor:
         self.tensors: dict[int, torch.Tensor] = {}
         # id -> the leaf standing for that table tensor in this worker's autograd graphs
         self.leaves: dict[int, torch.Tensor] = {}
+        # id -> that table tensor detached from this worker's graphs (a front's DetachedRef)
+        self.detached: dict[int, torch.Tensor] = {}
         self._leaf_argument = False   # set when the record being resolved named a LeafRef
         self.meter = MemoryMeter()
         self.error: OpError | None = None
@@ -171,6 +174,7 @@ class Executor:
     def close(self):
         self.tensors.clear()
         self.leaves.clear()
+        self.detached.clear()
 
     # --- table --------------------------------------------------------------------------------
 
@@ -178,12 +182,12 @@ class Executor:
         old = self.tensors.get(tid)
         if old is t:
             return
-        if self.leaves:
-            leaf = self.leaves.get(tid)
-            if leaf is t:
-                return  # an op handed back a parameter's leaf: the table keeps the plain tensor
-            if leaf is not None:
-                del self.leaves[tid]  # the id names another tensor now: its leaf is stale
+        for aliases in (self.leaves, self.detached) if self.leaves or self.detached else ():
+            alias = aliases.get(tid)
+            if alias is t:
+                return  # an op handed back a leaf or detached alias: the table keeps the tensor
+            if alias is not None:
+                del aliases[tid]  # the id names another tensor now: its alias is stale
         if old is not None:
             self.meter.remove(old)
         self.tensors[tid] = t
@@ -191,8 +195,9 @@ class Executor:
             self.meter.add(t)
 
     def _drop(self, tid: int):
-        if self.leaves:
+        if self.leaves or self.detached:
             self.leaves.pop(tid, None)
+            self.detached.pop(tid, None)
         t = self.tensors.pop(tid, None)
         if t is not None and not self.on_gpu:
             self.meter.remove(t)
@@ -218,6 +223,11 @@ class Executor:
         if kind is wire.LeafRef:
             self._leaf_argument = True
             return self._leaf(x.id) if torch.is_grad_enabled() else self._plain(x.id)
+        if kind is wire.DetachedRef:
+            t = self.detached.get(x.id)
+            if t is None:
+                t = self.detached[x.id] = self._plain(x.id).detach()
+            return t
         if isinstance(x, torch.Tensor) and x.dim() > 0:  # a CPU 0-dim scalar stays where it is
             return x.to(self.device)
         return x

@@ -516,3 +516,26 @@ def test_tied_weights_frozen_layers_and_evaluation_between_steps(records):
     same_parameters(remote, local)
     assert remote.head.weight is remote.embed.weight and remote.body[0].bias.grad is None
     assert records.count(BACKWARD) == 3
+
+
+def test_what_the_program_detaches_takes_no_part_in_the_worker_s_graph(records):
+    """``detach()`` names no op of its own (the same remote tensor): a target made from the
+    model's own output (distillation, a KL term, a GAN's fake batch) must still carry no gradient
+    in the worker's backward, and a write through the detached tensor changes the tensor only."""
+    def loss_of(model, x):
+        out = model(x)
+        teacher = F.softmax(out.detach() * 0.5, 1)
+        hidden = model[0](x)
+        hidden.detach().mul_(0.5)   # in place through the alias: the values change, not the graph
+        return F.kl_div(F.log_softmax(out, 1), teacher, reduction="batchmean") + hidden.square().mean()
+
+    local, remote = pair()
+    for model in (local, remote):
+        x = batch()[0].to(model[0].weight.device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            loss_of(model, x).backward()
+            opt.step()
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 2
