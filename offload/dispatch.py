@@ -512,7 +512,10 @@ def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
     session.release_id(staging)
 
 
-@DISPATCHER.rule(aten.detach.default, aten.alias.default)
+_DETACH = aten.detach.default
+
+
+@DISPATCHER.rule(_DETACH, aten.alias.default)
 def alias(func, args, kwargs):
     """The same remote tensor under a second wrapper: no op travels (autograd saves its tensors
     through detach, tens a step). A parameter's alias names the plain tensor, no leaf of any
@@ -525,9 +528,6 @@ def alias(func, args, kwargs):
     elif func is _DETACH and src.requires_grad and not src.is_leaf:
         handle = DetachedHandle(handle)
     return RemoteTensor(func(src._meta), handle)
-
-
-_DETACH = aten.detach.default
 
 
 @DISPATCHER.rule(aten._local_scalar_dense.default)

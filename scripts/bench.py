@@ -259,13 +259,6 @@ def _backward_traced(step):
     return run
 
 
-def print_step_details(args, r: dict):
-    looked_up = r["hits"] + r["misses"]
-    print(f"    median of {r['steps']} steps after {args.warmup} warm-up; per offloaded step: "
-          f"{r['records']:.0f} op records, front tracing {r['traced'] * 1e3:.1f} ms; shape cache "
-          f"{r['hits'] / max(1, looked_up):.1%} hits ({r['hits']} hits, {r['misses']} misses)", flush=True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", type=int, default=5000, help="(1) small ops per timed stream")
@@ -335,7 +328,11 @@ def main():
                 print(f"(4) Llama training step, {name} ({size}): offloaded {r['offloaded'] * 1e3:.1f} ms "
                       f"vs native {r['native'] * 1e3:.1f} ms = {ratio:.2f}x  target <= {MAX_STEP_RATIO:g}x  "
                       f"-> {verdict(ratio <= MAX_STEP_RATIO)}")
-                print_step_details(args, r)
+                looked_up = r["hits"] + r["misses"]
+                print(f"    median of {r['steps']} steps after {args.warmup} warm-up; per offloaded step: "
+                      f"{r['records']:.0f} op records, front tracing {r['traced'] * 1e3:.1f} ms; shape cache "
+                      f"{r['hits'] / max(1, looked_up):.1%} hits ({r['hits']} hits, {r['misses']} misses)",
+                      flush=True)
                 if "traced_backward" in r:
                     print(f"    alternating with them, the backward traced on the front (offload/remote_backward.py "
                           f"off): {r['traced_backward'] * 1e3:.1f} ms = {r['traced_backward'] / r['native']:.2f}x, "

@@ -182,12 +182,13 @@ class Executor:
         old = self.tensors.get(tid)
         if old is t:
             return
-        for aliases in (self.leaves, self.detached) if self.leaves or self.detached else ():
-            alias = aliases.get(tid)
-            if alias is t:
-                return  # an op handed back a leaf or detached alias: the table keeps the tensor
-            if alias is not None:
-                del aliases[tid]  # the id names another tensor now: its alias is stale
+        if self.leaves or self.detached:
+            for aliases in (self.leaves, self.detached):
+                alias = aliases.get(tid)
+                if alias is t:
+                    return  # an op handed back a leaf or detached alias: the table keeps the tensor
+                if alias is not None:
+                    del aliases[tid]  # the id names another tensor now: its alias is stale
         if old is not None:
             self.meter.remove(old)
         self.tensors[tid] = t
