@@ -7,7 +7,8 @@ and opens no socket.
 """
 from __future__ import annotations
 
-from offload import autocast, cuda_facade, device, device_mapping, dispatch, remote_backward, serialization
+from offload import (autocast, cuda_facade, device, device_mapping, dispatch, eager_compile, remote_backward,
+                     serialization)
 
 _active = False
 
@@ -25,6 +26,7 @@ def activate():
     serialization.install()
     dispatch.install_upload_hints()
     remote_backward.install()
+    eager_compile.install()
     _active = True
 
 

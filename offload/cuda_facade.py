@@ -152,12 +152,31 @@ def mem_get_info(device=None) -> tuple[int, int]:
     return total - memory_allocated(device), total
 
 
-def memory_stats(device=None) -> dict:
+# The statistics of CUDA's caching allocator (torch.cuda.memory_stats documents them): byte
+# counts, counts of blocks, each for all pools, the large and the small one.
+_BYTE_STATS = ("allocated_bytes", "reserved_bytes", "active_bytes", "requested_bytes")
+_BLOCK_STATS = ("allocation", "segment", "active", "inactive_split", "inactive_split_bytes")
+_COUNTERS = ("num_alloc_retries", "num_ooms", "num_sync_all_streams", "num_device_alloc",
+             "num_device_free", "max_split_size")
+
+
+def memory_stats_as_nested_dict(device=None) -> dict:
+    """The caching allocator's statistics in its layout, which torch's own ``memory_stats`` and
+    ``memory_summary`` read: the workers' bytes in use and their peak, counted in the large pool
+    (whole tensors, no splits); what the workers do not count (blocks, accumulated totals,
+    retries) is 0."""
+    _check_index(device)
     stats = _session().memory_stats()
-    return {"allocated_bytes.all.current": stats["allocated"],
-            "allocated_bytes.all.peak": stats["peak"],
-            "reserved_bytes.all.current": stats["allocated"],
-            "reserved_bytes.all.peak": stats["peak"]}
+
+    def stat(current=0, peak=0):
+        return {"current": current, "peak": peak, "allocated": 0, "freed": 0}
+
+    used = {"all": stat(stats["allocated"], stats["peak"]),
+            "large_pool": stat(stats["allocated"], stats["peak"]), "small_pool": stat()}
+    return {**{name: used for name in _BYTE_STATS},
+            **{name: {"all": stat(), "large_pool": stat(), "small_pool": stat()} for name in _BLOCK_STATS},
+            "oversize_allocations": stat(), "oversize_segments": stat(),
+            **{name: 0 for name in _COUNTERS}}
 
 
 # --- random numbers ------------------------------------------------------------------------------
@@ -214,7 +233,11 @@ _FUNCTIONS = {
     "memory_reserved": memory_allocated, "max_memory_reserved": max_memory_allocated,
     "reset_peak_memory_stats": reset_peak_memory_stats,
     "reset_max_memory_allocated": reset_peak_memory_stats, "empty_cache": empty_cache,
-    "mem_get_info": mem_get_info, "memory_stats": memory_stats,
+    "mem_get_info": mem_get_info, "memory_stats_as_nested_dict": memory_stats_as_nested_dict,
+    # torch's own: they read memory_stats_as_nested_dict, in the module patched below as well.
+    "memory_stats": torch.cuda.memory.memory_stats, "memory_summary": torch.cuda.memory.memory_summary,
+    "reset_accumulated_memory_stats": lambda device=None: None,   # no accumulated totals kept
+    "get_allocator_backend": lambda: "native",
 }
 _RANDOM = {
     "manual_seed": manual_seed, "manual_seed_all": manual_seed, "seed": seed, "seed_all": seed,
@@ -230,7 +253,7 @@ _ACCELERATOR = {
     "memory_allocated": memory_allocated, "max_memory_allocated": max_memory_allocated,
     "memory_reserved": memory_allocated, "max_memory_reserved": max_memory_allocated,
     "reset_peak_memory_stats": reset_peak_memory_stats, "empty_cache": empty_cache,
-    "memory_stats": memory_stats, "get_memory_info": mem_get_info,
+    "memory_stats": torch.cuda.memory.memory_stats, "get_memory_info": mem_get_info,
     "get_device_capability": lambda device=None: {"supported_dtypes": [
         torch.float32, torch.float16, torch.bfloat16, torch.float64]},
 }
@@ -249,6 +272,7 @@ def install():
         setattr(torch.cuda, name, value)
     for name, value in _RANDOM.items():
         setattr(torch.cuda.random, name, value)
+    torch.cuda.memory.memory_stats_as_nested_dict = memory_stats_as_nested_dict
     for name in _DIRECT_CUDA:
         setattr(torch.cuda, name, unsupported.refusing(f"torch.cuda.{name}"))
     for name, value in _ACCELERATOR.items():

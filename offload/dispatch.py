@@ -19,12 +19,15 @@ import threading
 import torch
 
 from daemons.wire import RemoteRef
+from daemons.worker import conv_layout
 from offload import session as sessions
 from offload.device import DEVICE
 from offload.tensor import VISIBLE_DEVICE, DetachedHandle, LeafHandle, RemoteTensor
 
 aten = torch.ops.aten
 META = torch.device("meta")
+# Ops whose meta kernels lay results out unlike the devices' kernels (daemons/worker/conv_layout.py).
+_LAID_OUT_AS_ON_CUDA = (aten.convolution.default, aten.convolution_backward.default)
 # The C functions themselves: device_mapping wraps torch.empty / torch.empty_strided to map
 # ``device="cuda"``, a Python call per op that meta allocations here never need.
 _empty = torch._C._VariableFunctions.empty
@@ -83,8 +86,9 @@ class Dispatcher:
             session = sessions.current()
             out, out_spec = from_template(template, inputs, session)
         else:
+            meta_args = meta_form(args)
             try:
-                meta_out = func(*meta_form(args), **meta_form(kwargs))
+                meta_out = func(*meta_args, **meta_form(kwargs))
             except NotImplementedError:
                 return self.run_data_dependent(func, wire_args, wire_kwargs)
             except torch._subclasses.fake_tensor.DataDependentOutputException:
@@ -94,6 +98,8 @@ class Dispatcher:
                     t._desc = None
             elif not isinstance(meta_out, torch.Tensor) and not _has_tensor(meta_out):
                 return meta_out  # metadata queries (is_same_size ...) need no worker
+            if func in _LAID_OUT_AS_ON_CUDA:
+                meta_out = conv_layout.laid_out(func, meta_out, meta_args)
             SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
             session = sessions.current()
             by_meta = {id(t._meta): t for t in inputs}
@@ -104,6 +110,7 @@ class Dispatcher:
     def wrap(self, func, meta_out, by_meta: dict, session):
         """Wrappers and the record's ``out`` for the meta results of one op."""
         if isinstance(meta_out, torch.Tensor):
+            _check_layout(func, meta_out.layout)
             same = by_meta.get(id(meta_out))
             if same is not None:
                 if same.shape != meta_out.shape or same.stride() != meta_out.stride():
@@ -132,10 +139,19 @@ class Dispatcher:
         """Allocation on the device (the PrivateUse1 kernels of offload/device.py)."""
         meta_kwargs = dict(kwargs, device=META)
         meta = func(*args, **meta_kwargs)
+        _check_layout(func, meta.layout)
         session = sessions.current()
         tid = session.new_id()
         session.enqueue(self.op_name(func), wire_form(list(args), []), wire_form(kwargs, []), tid)
         return RemoteTensor(meta, tid)
+
+
+def _check_layout(func, layout: torch.layout):
+    """Only dense tensors live on the virtual device: the workers' tables, the wire's tensor
+    form and the shape inference all hold strided tensors."""
+    if layout != torch.strided:
+        raise NotImplementedError(f"{func}: {layout} tensors are not supported on the virtual cuda:0 "
+                                  "device; keep them on the CPU or use dense tensors (to_dense())")
 
 
 def _restride(func, wrapper: RemoteTensor, meta: torch.Tensor):

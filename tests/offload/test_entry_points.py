@@ -410,6 +410,85 @@ def test_device_strings_default_device_and_memory_queries():
     assert total == torch.cuda.get_device_properties(0).total_memory and 0 < free <= total
 
 
+def test_memory_summary_and_stats_in_the_allocators_layout():
+    """``torch.cuda.memory_summary()`` (a common debugging print) and ``memory_stats()`` read the
+    caching allocator's statistics; they come in its layout, with the workers' bytes in use."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    big = torch.empty(1 << 18, device="cuda")  # 1 MiB
+    torch.cuda.synchronize()
+    stats = torch.cuda.memory_stats()
+    assert stats["allocated_bytes.all.current"] == before + (1 << 20) == torch.cuda.memory_allocated()
+    assert stats["reserved_bytes.all.peak"] >= stats["allocated_bytes.all.current"]
+    assert stats["num_ooms"] == 0 and stats == torch.accelerator.memory_stats()
+    assert torch.cuda.memory_stats_as_nested_dict()["active_bytes"]["all"]["current"] == before + (1 << 20)
+    summary = torch.cuda.memory_summary()
+    assert "PyTorch CUDA memory summary, device ID 0" in summary and "Allocated memory" in summary
+    assert torch.cuda.memory_summary(abbreviated=True).count("from large pool") == 0
+    torch.cuda.reset_accumulated_memory_stats()
+    assert torch.cuda.get_allocator_backend() == "native"
+    del big
+
+
+def test_torch_compile_runs_the_model_eagerly_with_a_warning():
+    """``model = torch.compile(model)`` (nanoGPT and most recent scripts): the program runs, eagerly."""
+    from offload.eager_compile import MESSAGE
+
+    model = mlp()
+    remote = copy.deepcopy(model).cuda()
+    x, _ = batch()
+    with pytest.warns(UserWarning, match="runs the program eagerly"):
+        compiled = torch.compile(remote, mode="max-autotune")
+    assert compiled is remote
+    same(compiled(x.cuda()), model(x), **FP32)
+
+    with pytest.warns(UserWarning, match=MESSAGE[:30]):
+        @torch.compile(fullgraph=True)
+        def double(t):
+            return t * 2
+    same(double(x.cuda()), x * 2)
+    with pytest.warns(UserWarning):
+        remote.compile()
+    same(remote(x.cuda()), model(x), **FP32)
+
+
+def test_sparse_tensors_fail_clearly():
+    indices, values = torch.tensor([[0, 1], [1, 0]]), torch.tensor([1.0, 2.0])
+    with pytest.raises(NotImplementedError, match=r"sparse_coo tensors are not supported on the virtual cuda:0"):
+        torch.sparse_coo_tensor(indices, values, (2, 2)).cuda()
+    same(torch.sparse_coo_tensor(indices, values, (2, 2)).to_dense().cuda(), torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
+
+
+def test_channels_last_convolutions_are_laid_out_as_on_cuda():
+    """torch's meta kernel leaves a convolution's result contiguous, the CPU's and cuDNN's kernels
+    return it channels-last: the front and the worker agree on CUDA's layout, forward and backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    model = model.to(memory_format=torch.channels_last)
+    remote = copy.deepcopy(model).cuda()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 8, 8, generator=g).to(memory_format=torch.channels_last), torch.randint(0, 3, (4,), generator=g)
+    out = remote[0](x.cuda())
+    assert out.stride() == model[0](x).stride() and out.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        out.view(4, -1)   # as on CUDA, and at once: the worker's tensor is channels-last too
+    same(out.reshape(4, -1), model[0](x).reshape(4, -1), **FP32)
+    for m in (model, remote):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for step in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x.to(m[0].weight.device)), y.to(m[0].weight.device))
+            loss.backward(retain_graph=step == 1)   # step 1's backward traced on the front
+            opt.step()
+        assert m[0].weight.grad.stride() == m[0].weight.stride()
+    for p, q in zip(remote.parameters(), model.parameters()):
+        same(p, q, **FP32)
+    assert torch.nn.functional.conv2d(x.double().cuda(), model[0].weight.double().cuda()).is_contiguous()
+
+
 # --- 8. AdamW fused / foreach with clip_grad_norm_ -------------------------------------------------
 @pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
 def test_adamw_with_gradient_clipping(options):
