@@ -68,7 +68,7 @@ class Dispatcher:
         return info
 
     def __call__(self, func, args, kwargs):
-        info = self.info(func)
+        info = self._ops.get(id(func)) or self.info(func)
         if info.rule is not None:
             return info.rule(func, args, kwargs)
         return self.run(func, args, kwargs, info)
@@ -398,16 +398,19 @@ def from_template(template, inputs: list, session):
         meta = _meta_like(shape, stride, offset, dtype) if offset else \
             _empty_strided(shape, stride, dtype=dtype, device=META)
         tid = session.new_id()
-        return RemoteTensor.described(meta, shape, stride, offset, dtype, tid), tid
+        return RemoteTensor.described(meta, shape, stride, offset, dtype, meta.untyped_storage()._cdata,
+                                      tid), tid
     if kind == _SELF:
         same = inputs[template[1]]
         return same, same._handle.id
     if kind == _VIEW:
         _, k, shape, stride, offset = template
-        meta = inputs[k]._meta
+        base = inputs[k]
+        meta = base._meta
         tid = session.new_id()
+        # The base's description is there: the shape cache's key, which found this template, has it.
         return RemoteTensor.described(meta.as_strided(shape, stride, offset), shape, stride, offset,
-                                      meta.dtype, tid), tid
+                                      meta.dtype, base._desc[1], tid), tid
     if kind == _SEQ:
         pairs = [from_template(t, inputs, session) for t in template[2]]
         return template[1](p[0] for p in pairs), [p[1] for p in pairs]

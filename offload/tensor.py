@@ -88,11 +88,17 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def described(cls, meta: torch.Tensor, shape: tuple, stride: tuple, offset: int, dtype: torch.dtype,
-                  tid: int) -> RemoteTensor:
+                  storage: int, tid: int) -> RemoteTensor:
         """``RemoteTensor(meta, tid)`` for a ``meta`` whose metadata the caller already holds (the
-        shape cache's), given rather than read back from it: the per-op path makes one for
-        nearly every op."""
-        return cls._wrap(meta, shape, stride, offset, dtype, Handle(tid))
+        shape cache's), given rather than read back from it, and with the shape cache's
+        description (``_desc``; ``storage``: its storage's key) that the next op reading it would
+        work out otherwise: the per-op path makes one for nearly every op."""
+        t = _make_wrapper_subclass(cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
+                                   device=DEVICE)
+        t._meta = meta
+        t._handle = Handle(tid)
+        t._desc = ((shape, stride, offset, dtype), storage)
+        return t
 
     @classmethod
     def _wrap(cls, meta: torch.Tensor, shape, stride, offset: int, dtype: torch.dtype, handle: Handle,
