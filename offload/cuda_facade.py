@@ -18,6 +18,7 @@ import torch.backends.cudnn
 import torch.cuda
 import torch.cuda.nvtx
 import torch.cuda.random
+import torch.nn.parallel._functions
 
 from offload import cuda_streams, unsupported
 from offload.device_mapping import map_device
@@ -120,6 +121,24 @@ def true(*args, **kwargs) -> bool:
 
 def false(*args, **kwargs) -> bool:
     return False
+
+
+# --- torch.cuda.comm over the one device (nn.DataParallel) -----------------------------------------
+def _one_device(devices) -> None:
+    if list(devices) != [0]:
+        raise ValueError(f"devices {list(devices)}: the virtual device cuda:0 is the only one")
+
+
+def _scatter(tensor, devices, chunk_sizes, dim, streams):
+    """``torch.cuda.comm.scatter``'s primitive: the one chunk is the whole tensor, on the device
+    (``nn.DataParallel(model)`` on one GPU, and its backward's gather below)."""
+    _one_device(devices)
+    return [tensor.to("cuda")]
+
+
+def _gather(tensors, dim, destination):
+    _one_device(range(len(tensors)))
+    return tensors[0].to("cpu" if destination == -1 else "cuda")
 
 
 # --- synchronization and memory ------------------------------------------------------------------
@@ -273,6 +292,11 @@ def install():
     for name, value in _RANDOM.items():
         setattr(torch.cuda.random, name, value)
     torch.cuda.memory.memory_stats_as_nested_dict = memory_stats_as_nested_dict
+    torch._C._scatter, torch._C._gather = _scatter, _gather   # CUDA builds' comm primitives
+    # DataParallel copies a host batch in a side stream it asks for by a device it names by index
+    # (the accelerator's type, ``moai`` here, which its check wants to be ``cuda``); uploads keep
+    # their order in the one op stream anyway.
+    torch.nn.parallel._functions._get_stream = lambda device: None
     for name in _DIRECT_CUDA:
         setattr(torch.cuda, name, unsupported.refusing(f"torch.cuda.{name}"))
     for name, value in _ACCELERATOR.items():

@@ -7,7 +7,8 @@ wrapper overrides ``device`` and B2's device mapping sends ``"cuda"`` here.
 
 Factory functions (``torch.empty(..., device=dev)``, and every factory built on it: zeros,
 randn, arange ...) have no tensor argument for ``__torch_dispatch__`` to catch, so the two
-allocation primitives get PrivateUse1 kernels that create a remote tensor.
+allocation primitives get PrivateUse1 kernels that create a remote tensor; so does the copy
+between devices that ``torch.tensor(data, device=...)`` makes with the Python key excluded.
 
 Random numbers: the workers draw from their own generator, like a CUDA device has its own.
 ``torch.manual_seed(s)`` reaches ``manual_seed_all`` below (torch seeds every registered custom
@@ -83,6 +84,37 @@ def _arange(start, end=None, step=1, dtype=None, layout=None, device=None, pin_m
                                        {"dtype": dtype, "device": device})
 
 
+# Factories whose composites allocate an empty tensor and resize it in an ``out=`` op, as arange's
+# does (a device tensor's shape is fixed at creation), or that have no composite: each streams
+# whole, as one allocation the worker makes with the same op.
+_WHOLE_FACTORIES = ("eye", "eye.m", "range", "range.step", "tril_indices", "triu_indices",
+                    "hann_window", "hann_window.periodic", "hamming_window", "hamming_window.periodic",
+                    "hamming_window.periodic_alpha", "hamming_window.periodic_alpha_beta",
+                    "bartlett_window", "bartlett_window.periodic", "blackman_window",
+                    "blackman_window.periodic", "kaiser_window", "kaiser_window.periodic",
+                    "kaiser_window.beta")
+
+
+def _whole_factory(overload: str):
+    packet, _, name = overload.partition(".")
+    op = getattr(getattr(torch.ops.aten, packet), name or "default")
+
+    def factory(*args, **kwargs):
+        from offload import dispatch
+
+        return dispatch.DISPATCHER.factory(op, args, kwargs)
+    return factory
+
+
+def _copy_from(src, dst, non_blocking=False):
+    # torch.tensor(data, device=...), as_tensor and new_tensor copy their host tensor to the device
+    # with the Python key excluded, past __torch_dispatch__; copy_ then reaches this backend, which
+    # hands a copy between devices to _copy_from: the same copy as a program's copy_.
+    from offload import dispatch
+
+    return dispatch.copy_(torch.ops.aten.copy_.default, (dst, src, non_blocking), {})
+
+
 def register():
     """Make the ``moai`` device exist in this process (idempotent)."""
     global _registered, _library
@@ -93,8 +125,11 @@ def register():
     _library = torch.library.Library("aten", "IMPL")
     _library.impl("empty.memory_format", _empty, "PrivateUse1")
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")
+    _library.impl("_copy_from", _copy_from, "PrivateUse1")
     for overload in ("arange", "arange.start", "arange.start_step"):
         _library.impl(overload, _arange, "PrivateUse1")
+    for overload in _WHOLE_FACTORIES:
+        _library.impl(overload, _whole_factory(overload), "PrivateUse1")
     from offload import attention, linear  # they import RemoteTensor, which needs DEVICE
     attention.register(_library)
     linear.register(_library)

@@ -14,6 +14,7 @@ A few ops need their own behaviour (uploads, downloads, ``.item()``); they are r
 from __future__ import annotations
 
 import functools
+import re
 import threading
 
 import torch
@@ -37,10 +38,12 @@ _empty_strided = torch._C._VariableFunctions.empty_strided
 class OpInfo:
     """What the per-op path needs to know of an op, worked out at its first call."""
 
-    __slots__ = ("id", "name", "rule", "scalar_positions", "scalar_names")
+    __slots__ = ("id", "name", "rule", "composite", "scalar_positions", "scalar_names")
 
     def __init__(self, func, rule):
         self.id, self.name, self.rule = id(func), func.name(), rule
+        self.composite = torch._C._dispatch_has_kernel_for_dispatch_key(
+            self.name, torch._C.DispatchKey.CompositeImplicitAutograd)
         self.scalar_positions, self.scalar_names = _scalar_arguments(func)
 
 
@@ -71,6 +74,12 @@ class Dispatcher:
         info = self._ops.get(id(func)) or self.info(func)
         if info.rule is not None:
             return info.rule(func, args, kwargs)
+        if info.composite:
+            # Such an op reaches here whole only with autograd's keys excluded (inference_mode):
+            # elsewhere torch decomposes it above them, and its parts come one by one.
+            out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         return self.run(func, args, kwargs, info)
 
     def op_name(self, func) -> str:
@@ -93,6 +102,8 @@ class Dispatcher:
                 return self.run_data_dependent(func, wire_args, wire_kwargs)
             except torch._subclasses.fake_tensor.DataDependentOutputException:
                 return self.run_data_dependent(func, wire_args, wire_kwargs)
+            except RuntimeError as e:
+                raise _as_on_the_device(e) from None
             if func._schema.is_mutable:
                 for t in inputs:  # resize_, set_, t_ ... may have changed what _desc says
                     t._desc = None
@@ -144,6 +155,20 @@ class Dispatcher:
         tid = session.new_id()
         session.enqueue(self.op_name(func), wire_form(list(args), []), wire_form(kwargs, []), tid)
         return RemoteTensor(meta, tid)
+
+
+def _as_on_the_device(e: RuntimeError) -> RuntimeError:
+    """A meta kernel's error as the program's device would word it: the inputs it checked were
+    the device tensors' metas ("Expected all tensors to be on the same device, but found at least
+    two devices, meta and cpu!" is CUDA's "cuda:0 and cpu")."""
+    message = str(e)
+    if "meta" not in message:
+        return e
+    other = re.fullmatch(r"Tensor on device (\S+) is not on the expected device meta!", message)
+    if other:   # torch's reference kernels word it so; CUDA's TensorIterator as below
+        return type(e)(f"Expected all tensors to be on the same device, but found at least two devices, "
+                       f"{VISIBLE_DEVICE} and {other.group(1)}!")
+    return type(e)(re.sub(r"\bmeta\b", str(VISIBLE_DEVICE), message))
 
 
 def _check_layout(func, layout: torch.layout):
@@ -547,6 +572,14 @@ def alias(func, args, kwargs):
     elif func is _DETACH and src.requires_grad and not src.is_leaf:
         handle = DetachedHandle(handle)
     return RemoteTensor(func(src._meta), handle)
+
+
+@DISPATCHER.rule(aten.detach_.default)
+def detach_(func, args, kwargs):
+    """Here only with autograd's keys excluded (``inference_mode``: ``torch.tensor(data,
+    device=...)`` detaches its result): autograd's metadata alone changes, the worker's tensor
+    stays as it is (``RemoteTensor.detach_`` names one with a graph detached)."""
+    return args[0]
 
 
 @DISPATCHER.rule(aten._local_scalar_dense.default)

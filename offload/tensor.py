@@ -165,6 +165,17 @@ class RemoteTensor(torch.Tensor):
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in own}, memo))
         return new
 
+    def detach_(self):
+        # Autograd detaches in place without an op reaching the device, but the worker's tensor
+        # may carry the worker's own graph (offload/remote_backward.py): from now on it is named
+        # detached, as ``detach()``'s result is (truncated backpropagation through time:
+        # ``hidden.detach_()`` between steps).
+        had_graph = self.requires_grad and not self.is_leaf
+        super().detach_()
+        if had_graph and type(self._handle) is Handle:
+            self._handle = DetachedHandle(self._handle)
+        return self
+
     def tolist(self):
         # torch refuses .tolist() for tensor subclasses; a CUDA tensor's comes from the host copy.
         return self.detach().cpu().tolist()

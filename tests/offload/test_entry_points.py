@@ -489,6 +489,80 @@ def test_channels_last_convolutions_are_laid_out_as_on_cuda():
     assert torch.nn.functional.conv2d(x.double().cuda(), model[0].weight.double().cuda()).is_contiguous()
 
 
+def test_tensor_constructors_with_the_device():
+    """``torch.tensor(data, device="cuda")`` and its kin copy with the Python key excluded, past
+    ``__torch_dispatch__``: they failed with "Could not run 'aten::_copy_from'" before."""
+    import numpy as np
+
+    for make in (lambda d: torch.tensor([1.5, 2.0], device=d), lambda d: torch.tensor([[1, 2], [3, 4]], device=d),
+                 lambda d: torch.tensor(3.0, device=d), lambda d: torch.tensor([True, False], device=d),
+                 lambda d: torch.tensor([1, 2], dtype=torch.float16, device=d),
+                 lambda d: torch.as_tensor([3.0, 4.0], device=d),
+                 lambda d: torch.as_tensor(np.arange(4, dtype=np.float32), device=d),
+                 lambda d: torch.ones(2, device=d).new_tensor([5.0, 6.0])):
+        same(make("cuda"), make("cpu"))
+        with torch.inference_mode():
+            same(make("cuda"), make("cpu"))
+    w = torch.tensor([1.0, 2.0], device="cuda", requires_grad=True)
+    assert w.is_leaf and w.requires_grad
+    (w * w).sum().backward()
+    same(w.grad, torch.tensor([2.0, 4.0]))
+
+
+def test_inference_mode_runs_the_ops_torch_decomposes_above_autograd():
+    """With autograd's keys excluded, ops torch otherwise decomposes before the Python key (item,
+    to, linear ...) reach the device whole; they run as their parts."""
+    model = mlp()
+    remote = copy.deepcopy(model).cuda()
+    x, _ = batch()
+    with torch.inference_mode():
+        out = remote(x.cuda())
+        assert out.is_inference()
+        same(out, model(x), **FP32)
+        assert out.sum().item() == pytest.approx(model(x).sum().item(), rel=1e-5)
+        same(out.to(torch.float64), model(x).double(), **FP32)
+        assert out.argmax(-1).tolist() == model(x).argmax(-1).tolist()
+
+
+def test_factories_that_resize_their_output_or_have_no_composite():
+    """eye, range, the window functions and stft (through them) resize an ``empty({0})`` in an
+    ``out=`` op, which a device tensor cannot; tril/triu_indices had no kernel for the device.
+    Each streams whole now."""
+    makes = [lambda d: torch.eye(3, device=d), lambda d: torch.eye(2, 3, dtype=torch.float64, device=d),
+             lambda d: torch.tril_indices(3, 3, device=d), lambda d: torch.triu_indices(3, 4, 1, device=d),
+             lambda d: torch.hann_window(8, device=d), lambda d: torch.hamming_window(8, periodic=False, device=d),
+             lambda d: torch.bartlett_window(5, device=d), lambda d: torch.blackman_window(5, device=d),
+             lambda d: torch.kaiser_window(6, device=d),
+             lambda d: torch.stft(torch.arange(64.0, device=d), 16, window=torch.hann_window(16, device=d),
+                                  return_complex=True).abs()]
+    for make in makes:
+        same(make("cuda"), make("cpu"), **FP32)
+
+
+def test_mixing_a_host_tensor_into_a_device_op_fails_as_on_cuda():
+    with pytest.raises(RuntimeError, match=r"Expected all tensors to be on the same device, but found at least "
+                                           r"two devices, cuda:0 and cpu!"):
+        torch.ones(3, device="cuda") + torch.ones(3)
+    same(torch.ones(3, device="cuda") + torch.tensor(2.0), torch.full((3,), 3.0))   # a 0-dim host scalar is fine
+
+
+@pytest.mark.parametrize("inputs_on", ["cuda", "cpu"])
+def test_data_parallel_over_the_one_device(inputs_on):
+    """``model = nn.DataParallel(model)`` (older scripts do it unconditionally) scatters the batch
+    to the one GPU and gathers the gradients back: torch.cuda.comm's primitives, which a CPU
+    build lacks."""
+    model = mlp()
+    remote = nn.DataParallel(copy.deepcopy(model).cuda())
+    x, y = batch()
+    out = remote(x.to(inputs_on))
+    assert out.is_cuda
+    F.cross_entropy(out, y.cuda()).backward()
+    F.cross_entropy(model(x), y).backward()
+    same(out, model(x), **FP32)
+    for p, q in zip(remote.module.parameters(), model.parameters()):
+        same(p.grad, q.grad, **FP32)
+
+
 # --- 8. AdamW fused / foreach with clip_grad_norm_ -------------------------------------------------
 @pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
 def test_adamw_with_gradient_clipping(options):

@@ -539,3 +539,36 @@ def test_what_the_program_detaches_takes_no_part_in_the_worker_s_graph(records):
             opt.step()
     same_parameters(remote, local)
     assert records.count(BACKWARD) == 2
+
+
+@pytest.mark.parametrize("detach", ["in place", "out of place"])
+def test_truncated_backpropagation_through_time_detaches_the_carried_state(records, detach):
+    """``hidden.detach_()`` between steps (truncated BPTT) changes only autograd's metadata on the
+    front: the worker's tensor must lose its graph too, or the next step's backward runs into the
+    last step's freed graph."""
+    def run(device):
+        torch.manual_seed(0)
+        rnn, head = nn.RNN(4, 6, batch_first=True).to(device), nn.Linear(6, 3).to(device)
+        opt = torch.optim.SGD([*rnn.parameters(), *head.parameters()], lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        xs, ys = torch.randn(5, 2, 3, 4, generator=g), torch.randint(0, 3, (5, 2), generator=g)
+        hidden, losses = torch.zeros(1, 2, 6, device=device), []
+        for step in range(5):
+            if detach == "in place":
+                hidden.detach_()
+            else:
+                hidden = hidden.detach()
+            out, hidden = rnn(xs[step].to(device), hidden)
+            loss = F.cross_entropy(head(out[:, -1]), ys[step].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, [*rnn.parameters(), *head.parameters()]
+
+    local, local_params = run("cpu")
+    remote, remote_params = run("cuda")
+    torch.testing.assert_close(remote, local, **FP32)
+    for q, p in zip(remote_params, local_params):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), **FP32)
+    assert records.count("moai::backward") == 4   # the first backward marks the parameters
