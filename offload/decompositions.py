@@ -7,6 +7,9 @@ have CUDA kernels only: a worker running on CPU cannot execute them. They are re
 the front, into the elementwise ops of the same math (the CUDA kernels' formulas and workspace
 layouts), which every worker runs.
 
+``F.ctc_loss`` with its lengths as host tensors, and ``pack_padded_sequence``'s batch sizes, which
+CUDA keeps on the host.
+
 Ops whose result is a Python value (``torch.equal``, ``torch.allclose``): their meta kernels
 cannot answer, so they become a device reduction and one ``.item()``.
 
@@ -87,6 +90,64 @@ def fused_gru_cell_backward(func, args, kwargs):
     grad_hgates = torch.cat([grad_r, grad_z, grad_hn], 1)
     bias = (grad_igates.sum(0), grad_hgates.sum(0)) if has_bias else (None, None)
     return grad_igates, grad_hgates, grad_hy * z, *bias
+
+
+@DISPATCHER.rule(aten._pack_padded_sequence.default)
+def pack_padded_sequence(func, args, kwargs):
+    """``nn.utils.rnn.pack_padded_sequence``: the packed data on the device, ``batch_sizes`` on the
+    host, as CUDA's kernel returns them (``PackedSequence`` insists, and the packed RNN reads them
+    there). The lengths are on the host already, so the steps are known here: the kernel's own
+    loop (aten/src/ATen/native/PackedSequence.cpp), made of ordinary device ops."""
+    input, lengths, batch_first = _args(args, kwargs, ("input", "lengths", "batch_first"))
+    if batch_first:
+        input = input.transpose(0, 1)
+    lengths = lengths.contiguous().tolist()
+    batch_size = input.size(1)
+    if input.numel() == 0:
+        raise RuntimeError("Cannot pack empty tensors.")
+    if len(lengths) != batch_size:
+        raise RuntimeError(f"Expected `len(lengths)` to be equal to batch_size, but got {len(lengths)} "
+                           f"(batch_size={batch_size})")
+    if lengths[-1] <= 0:
+        raise RuntimeError("Length of all samples has to be greater than 0, but found an element in "
+                           "'lengths' that is <= 0")
+    if any(a < b for a, b in zip(lengths, lengths[1:])):
+        raise RuntimeError("`lengths` array must be sorted in decreasing order when `enforce_sorted` is "
+                           "True. You can pass `enforce_sorted=False` to pack_padded_sequence and/or "
+                           "pack_sequence to sidestep this requirement if you do not need ONNX "
+                           "exportability.")
+    steps, batch_sizes, previous = [], [], 0
+    step_shape = [-1, *input.shape[2:]]
+    for i, length in enumerate(reversed(lengths)):
+        if length > previous:
+            current = batch_size - i
+            steps.append(input[previous:length, :current].contiguous().view(step_shape))
+            batch_sizes += [current] * (length - previous)
+            previous = length
+    return torch.cat(steps), torch.tensor(batch_sizes, dtype=torch.int64)
+
+
+def _ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction=1, zero_infinity=False):
+    # For a tensor subclass torch's ctc_loss takes a path that divides the losses by the target
+    # lengths where they are: on the host, as CUDA allows them, which a device op refuses. As
+    # lists, they take the path CUDA takes.
+    return aten.ctc_loss.IntList(log_probs, targets, _lengths(input_lengths), _lengths(target_lengths),
+                                 blank, reduction, zero_infinity)
+
+
+def _lengths(t) -> list[int]:
+    return t.tolist() if isinstance(t, torch.Tensor) else list(t)
+
+
+@DISPATCHER.rule(aten.ctc_loss.Tensor)
+def ctc_loss(func, args, kwargs):
+    """Here whole only under ``inference_mode``; elsewhere the device's autograd kernel
+    (``register``) takes the call."""
+    return _ctc_loss(*args, **kwargs)
+
+
+def register(library: torch.library.Library):
+    library.impl("ctc_loss.Tensor", _ctc_loss, "AutogradPrivateUse1")
 
 
 def _value(t):

@@ -130,8 +130,9 @@ def register():
         _library.impl(overload, _arange, "PrivateUse1")
     for overload in _WHOLE_FACTORIES:
         _library.impl(overload, _whole_factory(overload), "PrivateUse1")
-    from offload import attention, linear  # they import RemoteTensor, which needs DEVICE
+    from offload import attention, decompositions, linear  # they import RemoteTensor, which needs DEVICE
     attention.register(_library)
+    decompositions.register(_library)
     linear.register(_library)
     _take_the_multi_tensor_paths()
     _registered = True

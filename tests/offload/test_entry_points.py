@@ -563,6 +563,45 @@ def test_data_parallel_over_the_one_device(inputs_on):
         same(p.grad, q.grad, **FP32)
 
 
+def test_packed_sequences_and_ctc_loss_take_their_lengths_on_the_host():
+    """CUDA keeps a PackedSequence's batch sizes, and reads ctc_loss's lengths, on the host:
+    ``pack_padded_sequence`` failed ("batch_sizes should always be on CPU") and ctc_loss with
+    host lengths mixed devices."""
+    from torch.nn.utils import rnn
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 5, batch_first=True)
+    remote = copy.deepcopy(lstm).cuda()
+    g = torch.Generator().manual_seed(2)
+    seqs, lengths = torch.randn(3, 6, 4, generator=g), torch.tensor([4, 6, 2])
+    outs = []
+    for m, device in ((lstm, "cpu"), (remote, "cuda")):
+        packed = rnn.pack_padded_sequence(seqs.to(device), lengths, batch_first=True, enforce_sorted=False)
+        assert packed.batch_sizes.device.type == "cpu" and packed.data.device.type == device
+        out, lens = rnn.pad_packed_sequence(m(packed)[0], batch_first=True, padding_value=-1.0)
+        assert lens.device.type == "cpu" and lens.tolist() == [4, 6, 2]
+        out.pow(2).sum().backward()
+        outs.append(out)
+    same(outs[1], outs[0], **FP32)
+    for p, q in zip(remote.parameters(), lstm.parameters()):
+        same(p.grad, q.grad, **FP32)
+
+    log_probs = torch.randn(7, 3, 5, generator=g).log_softmax(2)
+    targets, input_lengths, target_lengths = torch.tensor([[1, 2], [3, 1], [2, 4]]), torch.tensor([7, 6, 5]), torch.tensor([2, 1, 2])
+    for reduction in ("mean", "sum"):
+        local = log_probs.clone().requires_grad_()
+        on_device = log_probs.cuda().requires_grad_()
+        expected = F.ctc_loss(local, targets, input_lengths, target_lengths, reduction=reduction)
+        got = F.ctc_loss(on_device, targets.cuda(), input_lengths, target_lengths, reduction=reduction)
+        expected.backward()
+        got.backward()
+        same(got, expected, **FP32)
+        same(on_device.grad, local.grad, **FP32)
+    with torch.inference_mode():
+        same(F.ctc_loss(log_probs.cuda(), targets.cuda(), input_lengths, target_lengths),
+             F.ctc_loss(log_probs, targets, input_lengths, target_lengths), **FP32)
+
+
 # --- 8. AdamW fused / foreach with clip_grad_norm_ -------------------------------------------------
 @pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
 def test_adamw_with_gradient_clipping(options):
