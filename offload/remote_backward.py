@@ -13,7 +13,9 @@ Only a plain backward goes this way; anything the worker's graph cannot reproduc
 the front as before, with the same results:
 
 - the call: one scalar device tensor with a graph, no ``gradient``, ``inputs``, ``retain_graph``
-  or ``create_graph``; a job of one worker; the ``remote_backward`` setting on;
+  or ``create_graph``; a job of one worker; the ``remote_backward`` setting on; anomaly detection
+  off (``torch.autograd.detect_anomaly`` checks each gradient op's results, with the forward's
+  traceback: the front's);
 - the graph: no custom ``autograd.Function`` (but the virtual device's own linear), no hook on a
   leaf, none on an inner tensor or a module (``register_hook``, ``retain_grad``, module backward
   hooks: seen when registered), no saved-tensor hooks ever entered (checkpointing); every leaf a
@@ -112,6 +114,7 @@ def _run_on_worker(tensors, plain: bool) -> bool:
     grads = [v.grad for v in leaves]
     if not (plain and reproducible and loss.numel() == 1 and loss.is_floating_point()
             and not _graph_hooks_seen and not torch.nn.modules.module._global_backward_hooks
+            and not torch.is_anomaly_enabled()
             and all(_worker_can_set(v, g) for v, g in zip(leaves, grads))):
         _stay_traced(leaves)
         return False

@@ -572,3 +572,18 @@ def test_truncated_backpropagation_through_time_detaches_the_carried_state(recor
     for q, p in zip(remote_params, local_params):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), **FP32)
     assert records.count("moai::backward") == 4   # the first backward marks the parameters
+
+
+def test_anomaly_detection_traces_the_backward_and_finds_nan_as_on_the_cpu(records):
+    """``detect_anomaly`` checks every gradient op's results and names the forward op that made a
+    NaN: only a traced backward has those ops on the front."""
+    local, remote = pair()
+    x, _ = batch()
+    for model, inputs in ((local, x), (remote, x.cuda())):
+        for step in range(2):   # the second backward would run on the worker
+            model(inputs).sum().backward()
+        with torch.autograd.detect_anomaly(), pytest.warns(UserWarning, match="Error detected in MulBackward0"):
+            with pytest.raises(RuntimeError, match="Function 'MulBackward0' returned nan values"):
+                (model(inputs) * 0).sqrt().sum().backward()
+    assert records.count("moai::backward") == 1
+    same_parameters(remote, local)
