@@ -306,6 +306,10 @@ def install():
     # has no cuDNN and would warn "compiled without cuDNN" for the virtual device's "cuda" tensors.
     # The workers pick their own kernels: the front never uses cuDNN.
     torch.backends.cudnn.is_acceptable = lambda tensor: False
+    # nn.TransformerEncoder and nn.MultiheadAttention take a fused inference path on "cuda"
+    # tensors (nested tensors, _transformer_encoder_layer_fwd), whose ops have no meta kernels:
+    # under no_grad with a padding mask it failed. Their standard path gives the same numbers.
+    torch.backends.mha.set_fastpath_enabled(False)
     # NVTX ranges annotate a profile of the GPU; the front has none to annotate (a CPU build would
     # raise "NVTX functions not installed"), so they do nothing, as outside a profiler run.
     for name in ("range_push", "range_pop", "range_start", "range_end", "mark"):

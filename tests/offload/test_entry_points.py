@@ -602,6 +602,21 @@ def test_packed_sequences_and_ctc_loss_take_their_lengths_on_the_host():
              F.ctc_loss(log_probs, targets, input_lengths, target_lengths), **FP32)
 
 
+def test_transformer_encoder_evaluates_with_a_padding_mask():
+    """Evaluating an nn.TransformerEncoder with a padding mask under no_grad took torch's fused
+    inference path (nested tensors), which failed on the device; the standard path runs."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2).eval()
+    remote = copy.deepcopy(encoder).cuda()
+    g = torch.Generator().manual_seed(1)
+    x, pad = torch.randn(3, 5, 8, generator=g), torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():
+        expected = encoder(x, src_key_padding_mask=pad)
+        same(remote(x.cuda(), src_key_padding_mask=pad.cuda()), expected, **FP32)
+    with torch.inference_mode():
+        same(remote(x.cuda(), src_key_padding_mask=pad.cuda()), expected, **FP32)
+
+
 # --- 8. AdamW fused / foreach with clip_grad_norm_ -------------------------------------------------
 @pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
 def test_adamw_with_gradient_clipping(options):
