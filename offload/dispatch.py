@@ -162,7 +162,7 @@ def _as_on_the_device(e: RuntimeError) -> RuntimeError:
     the device tensors' metas ("Expected all tensors to be on the same device, but found at least
     two devices, meta and cpu!" is CUDA's "cuda:0 and cpu")."""
     message = str(e)
-    if "meta" not in message:
+    if type(e) is not RuntimeError or "meta" not in message:
         return e
     other = re.fullmatch(r"Tensor on device (\S+) is not on the expected device meta!", message)
     if other:   # torch's reference kernels word it so; CUDA's TensorIterator as below
