@@ -29,6 +29,7 @@ COMPUTE_CAPABILITY = (9, 0)
 MULTI_PROCESSOR_COUNT = 132
 
 _initial_seed: int | None = None
+_memory_fraction = 1.0   # set_per_process_memory_fraction's, as the workers enforce it
 
 
 def _session():
@@ -162,6 +163,24 @@ def reset_peak_memory_stats(device=None):
     _session().reset_peak()
 
 
+def set_per_process_memory_fraction(fraction, device=None):
+    """Caps the device's memory for this process at ``fraction`` of it, as on CUDA: past it ops
+    raise ``torch.cuda.OutOfMemoryError`` (the workers enforce it)."""
+    global _memory_fraction
+    _check_index(device)
+    if not isinstance(fraction, float):
+        raise TypeError("Invalid type for fraction argument, must be `float`")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+    _session().set_memory_fraction(fraction)
+    _memory_fraction = fraction
+
+
+def get_per_process_memory_fraction(device=None) -> float:
+    _check_index(device)
+    return _memory_fraction
+
+
 def empty_cache():
     pass  # workers free a tensor as soon as its last front handle dies
 
@@ -257,6 +276,8 @@ _FUNCTIONS = {
     "memory_stats": torch.cuda.memory.memory_stats, "memory_summary": torch.cuda.memory.memory_summary,
     "reset_accumulated_memory_stats": lambda device=None: None,   # no accumulated totals kept
     "get_allocator_backend": lambda: "native",
+    "set_per_process_memory_fraction": set_per_process_memory_fraction,
+    "get_per_process_memory_fraction": get_per_process_memory_fraction,
 }
 _RANDOM = {
     "manual_seed": manual_seed, "manual_seed_all": manual_seed, "seed": seed, "seed_all": seed,

@@ -90,6 +90,9 @@ class Session:
     def reset_peak(self):
         self.stream.request("reset_peak", {})
 
+    def set_memory_fraction(self, fraction: float):
+        self.stream.request("set_memory_fraction", {"fraction": fraction})
+
     def total_memory(self) -> int:
         return self.stream.memory_cap
 
@@ -190,6 +193,10 @@ def memory_stats() -> dict:
 def reset_peak():
     if _session is not None:
         _session.reset_peak()
+
+
+def set_memory_fraction(fraction: float):
+    current().set_memory_fraction(fraction)   # as CUDA's, it starts the device if it has not
 
 
 def total_memory() -> int:

@@ -122,10 +122,10 @@ class Executor:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.on_gpu = self.device.type == "cuda"
+        self.memory_cap = spec.memory_cap   # lowered by a program's set_per_process_memory_fraction
         if self.on_gpu:
             torch.cuda.set_device(self.device)
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_cap / total), self.device)
+            self._cap_gpu()
         else:
             torch.set_num_threads(max(1, spec.threads))
             host_memory.keep_freed_memory()
@@ -153,6 +153,7 @@ class Executor:
             "sync": self.sync,
             "memory_stats": self.memory_stats,
             "reset_peak": self.reset_peak,
+            "set_memory_fraction": self.set_memory_fraction,
         }
 
     def _streamed(self, handler):
@@ -297,7 +298,7 @@ class Executor:
             self._store(out, result)
         else:
             self._bind_outputs(out, result)
-        if not self.on_gpu and self.meter.allocated > self.spec.memory_cap:
+        if not self.on_gpu and self.meter.allocated > self.memory_cap:
             grown = self.meter.allocated - before
             self._bind_release(out)
             self._check_cap(name, seq, grown)
@@ -346,7 +347,7 @@ class Executor:
                 if grad.stride() != leaf.stride():
                     grad = torch.empty_like(leaf).copy_(grad)  # the layout the front gave it
                 self._store(tid, grad)
-        if not self.on_gpu and self.meter.allocated > self.spec.memory_cap:
+        if not self.on_gpu and self.meter.allocated > self.memory_cap:
             self._check_cap("backward", seq, 0)
 
     _pseudo_ops = {SEED_OP: _manual_seed, GET_RNG_STATE_OP: _get_rng_state,
@@ -385,10 +386,10 @@ class Executor:
         return args, kwargs
 
     def _check_cap(self, name: str, seq: int, extra: int):
-        if self.meter.allocated + extra > self.spec.memory_cap:
+        if self.meter.allocated + extra > self.memory_cap:
             raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: tried to allocate "
                                  f"{extra} bytes with {self.meter.allocated} bytes in use and a "
-                                 f"cap of {self.spec.memory_cap} bytes")
+                                 f"cap of {self.memory_cap} bytes")
 
     def _bind_release(self, spec):
         """Undo the outputs of an op that broke the cap, so the memory really comes back."""
@@ -424,11 +425,11 @@ class Executor:
 
     def put(self, msg):
         t, tid = wire.field(msg.body, "tensor", torch.Tensor), wire.field(msg.body, "id", int)
-        if not self.on_gpu and self.meter.allocated + t.nbytes > self.spec.memory_cap:
+        if not self.on_gpu and self.meter.allocated + t.nbytes > self.memory_cap:
             # The upload's bytes are dropped: nothing is held past the cap.
             self._hold(OpError("oom", f"upload of tensor #{tid} ran out of device memory: "
                                       f"{t.nbytes} bytes with {self.meter.allocated} bytes in "
-                                      f"use and a cap of {self.spec.memory_cap} bytes"))
+                                      f"use and a cap of {self.memory_cap} bytes"))
             return wire.NO_REPLY
         self._store(tid, t if not self.on_gpu else t.to(self.device, non_blocking=True))
         return wire.NO_REPLY
@@ -472,8 +473,8 @@ class Executor:
     def _memory(self) -> dict:
         if self.on_gpu:
             return {"allocated": torch.cuda.memory_allocated(self.device),
-                    "peak": torch.cuda.max_memory_allocated(self.device), "cap": self.spec.memory_cap}
-        return {"allocated": self.meter.allocated, "peak": self.meter.peak, "cap": self.spec.memory_cap}
+                    "peak": torch.cuda.max_memory_allocated(self.device), "cap": self.memory_cap}
+        return {"allocated": self.meter.allocated, "peak": self.meter.peak, "cap": self.memory_cap}
 
     def sync(self, msg):
         if self.on_gpu:
@@ -483,6 +484,21 @@ class Executor:
 
     def memory_stats(self, msg):
         return self._memory()
+
+    def set_memory_fraction(self, msg):
+        """``torch.cuda.set_per_process_memory_fraction``: the cap becomes this fraction of the
+        job's (the device's memory as the program sees it); past it ops fail with an OOM error."""
+        fraction = wire.field(msg.body, "fraction", float)
+        if not 0.0 <= fraction <= 1.0:
+            raise wire.RequestError("bad_request", f"fraction {fraction} is not within 0~1")
+        self.memory_cap = int(self.spec.memory_cap * fraction)
+        if self.on_gpu:
+            self._cap_gpu()
+        return {"cap": self.memory_cap}
+
+    def _cap_gpu(self):
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.memory_cap / total), self.device)
 
     def reset_peak(self, msg):
         if self.on_gpu:

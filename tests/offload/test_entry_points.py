@@ -617,6 +617,28 @@ def test_transformer_encoder_evaluates_with_a_padding_mask():
         same(remote(x.cuda(), src_key_padding_mask=pad.cuda()), expected, **FP32)
 
 
+def test_a_per_process_memory_fraction_caps_the_device():
+    assert torch.cuda.get_per_process_memory_fraction() == 1.0
+    with pytest.raises(TypeError, match="must be `float`"):
+        torch.cuda.set_per_process_memory_fraction(1)
+    with pytest.raises(ValueError, match="Allowed range: 0~1"):
+        torch.cuda.set_per_process_memory_fraction(1.5)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.synchronize()
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + (4 << 20)) / total)
+    try:
+        assert torch.cuda.get_per_process_memory_fraction() < 1.0
+        fits = torch.ones(1 << 18, device="cuda")   # 1 MiB of the 4 left
+        torch.cuda.synchronize()
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.ones(4 << 20, device="cuda")       # 16 MiB
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    same(torch.ones(4 << 20, device="cuda")[:3], torch.ones(3))
+    same(fits[:2], torch.ones(2))
+
+
 # --- 8. AdamW fused / foreach with clip_grad_norm_ -------------------------------------------------
 @pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
 def test_adamw_with_gradient_clipping(options):

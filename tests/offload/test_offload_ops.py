@@ -145,6 +145,20 @@ def test_freed_tensors_give_their_memory_back(dev):
     assert session.memory_stats()["peak"] == before
 
 
+def test_a_memory_fraction_lowers_the_worker_s_cap_and_bad_ones_are_refused(worker):
+    client = wire.Client(worker.address, SECRET, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
+    try:
+        cap = client.call("memory_stats", {})["cap"]
+        for bad in (1.5, -0.1, float("nan"), "half", 1):
+            with pytest.raises(wire.RemoteError, match="bad_request"):
+                client.call("set_memory_fraction", {"fraction": bad})
+        assert client.call("set_memory_fraction", {"fraction": 0.25}) == {"cap": cap // 4}
+        assert client.call("memory_stats", {})["cap"] == cap // 4
+        assert client.call("set_memory_fraction", {"fraction": 1.0}) == {"cap": cap}
+    finally:
+        client.close()
+
+
 def test_ids_freed_with_a_batch_are_released_after_its_ops(worker):
     """The stream sends the ids the program dropped with the batch that may still use them."""
     client = wire.Client(worker.address, SECRET, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
