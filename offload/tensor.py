@@ -93,10 +93,7 @@ class RemoteTensor(torch.Tensor):
         shape cache's), given rather than read back from it, and with the shape cache's
         description (``_desc``; ``storage``: its storage's key) that the next op reading it would
         work out otherwise: the per-op path makes one for nearly every op."""
-        t = _make_wrapper_subclass(cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
-                                   device=DEVICE)
-        t._meta = meta
-        t._handle = Handle(tid)
+        t = cls._wrap(meta, shape, stride, offset, dtype, Handle(tid))
         t._desc = ((shape, stride, offset, dtype), storage)
         return t
 
