@@ -73,22 +73,12 @@ def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memor
                                        {"dtype": dtype, "device": device})
 
 
-def _arange(start, end=None, step=1, dtype=None, layout=None, device=None, pin_memory=None):
-    # The composite arange allocates empty({0}) and resizes it in arange.out; a device tensor's
-    # shape is fixed at creation, so the whole op is the allocation here.
-    from offload import dispatch
-
-    if end is None:
-        start, end = 0, start
-    return dispatch.DISPATCHER.factory(torch.ops.aten.arange.start_step, (start, end, step),
-                                       {"dtype": dtype, "device": device})
-
-
-# Factories whose composites allocate an empty tensor and resize it in an ``out=`` op, as arange's
-# does (a device tensor's shape is fixed at creation), or that have no composite: each streams
-# whole, as one allocation the worker makes with the same op.
-_WHOLE_FACTORIES = ("eye", "eye.m", "range", "range.step", "tril_indices", "triu_indices",
-                    "hann_window", "hann_window.periodic", "hamming_window", "hamming_window.periodic",
+# Factories whose composites allocate an empty tensor and resize it in an ``out=`` op (a device
+# tensor's shape is fixed at creation), or that have no composite: each streams whole, as one
+# allocation the worker makes with the same op.
+_WHOLE_FACTORIES = ("arange", "arange.start", "arange.start_step", "eye", "eye.m", "range",
+                    "range.step", "tril_indices", "triu_indices", "hann_window",
+                    "hann_window.periodic", "hamming_window", "hamming_window.periodic",
                     "hamming_window.periodic_alpha", "hamming_window.periodic_alpha_beta",
                     "bartlett_window", "bartlett_window.periodic", "blackman_window",
                     "blackman_window.periodic", "kaiser_window", "kaiser_window.periodic",
@@ -126,8 +116,6 @@ def register():
     _library.impl("empty.memory_format", _empty, "PrivateUse1")
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")
     _library.impl("_copy_from", _copy_from, "PrivateUse1")
-    for overload in ("arange", "arange.start", "arange.start_step"):
-        _library.impl(overload, _arange, "PrivateUse1")
     for overload in _WHOLE_FACTORIES:
         _library.impl(overload, _whole_factory(overload), "PrivateUse1")
     from offload import attention, decompositions, linear  # they import RemoteTensor, which needs DEVICE
