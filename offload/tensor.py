@@ -16,6 +16,7 @@ import torch
 from daemons.wire import EXT_DETACHED_REF, EXT_LEAF_REF, packed_ref
 from offload import session
 from offload.device import DEVICE
+from offload.device_storage import ADDRESSES
 
 VISIBLE_DEVICE = torch.device("cuda", 0)
 _TENSOR_DATA = torch._C.TensorBase.data  # the C ``Tensor.data`` descriptor
@@ -172,6 +173,13 @@ class RemoteTensor(torch.Tensor):
         if had_graph and type(self._handle) is Handle:
             self._handle = DetachedHandle(self._handle)
         return self
+
+    def untyped_storage(self) -> torch.UntypedStorage:
+        return ADDRESSES.storage_of(self._meta)
+
+    def data_ptr(self) -> int:
+        # Of the first element, as on CUDA: the storage's address plus the offset in bytes.
+        return self.untyped_storage().data_ptr() + self.storage_offset() * self.element_size()
 
     def tolist(self):
         # torch refuses .tolist() for tensor subclasses; a CUDA tensor's comes from the host copy.

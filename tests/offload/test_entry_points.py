@@ -1047,6 +1047,35 @@ def test_moving_a_model_keeps_tied_parameters_tied(move):
     same(remote.embed.weight.grad.float(), model.embed.weight.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_storages_and_data_pointers_tell_tensors_apart_as_on_cuda():
+    """Libraries find shared and tied weights by storage address and size (transformers'
+    ``save_pretrained``, safetensors): distinct tensors have distinct storages, a view and a tied
+    parameter share their base's, and ``data_ptr()`` counts the view's offset in bytes."""
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10), "out": nn.Linear(4, 4)})
+    model.head.weight = model.embed.weight
+    model = model.cuda()
+    state = model.state_dict()
+
+    def storage_id(t):   # transformers.pytorch_utils.id_tensor_storage, as it reads a CUDA tensor
+        return t.device, t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+    groups = {}
+    for name, t in state.items():
+        groups.setdefault(storage_id(t), []).append(name)
+    assert sorted(groups.values()) == sorted([["embed.weight", "head.weight"], ["head.bias"], ["out.weight"],
+                                              ["out.bias"]])
+    weight = model.out.weight
+    assert weight.untyped_storage().device == torch.device("cuda", 0) and weight.storage().is_cuda
+    assert weight.untyped_storage().nbytes() == 64 and weight.storage().size() == 16
+    assert weight.data_ptr() == weight.untyped_storage().data_ptr() and weight.data_ptr() % 512 == 0
+    row = weight[2]
+    assert row.untyped_storage() is weight.untyped_storage()
+    assert row.data_ptr() == weight.data_ptr() + 2 * 4 * weight.element_size()
+    assert weight.detach().data_ptr() == weight.data_ptr() and weight.clone().data_ptr() != weight.data_ptr()
+    with pytest.raises(NotImplementedError, match="read them through the tensor"):
+        weight.untyped_storage().tolist()
+
+
 def test_equal_allclose_and_nvtx():
     a = torch.tensor([1.0, 2.0, 3.0])
     ra = a.cuda()
