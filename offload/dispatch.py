@@ -587,6 +587,15 @@ def local_scalar_dense(func, args, kwargs):
     return sessions.current().item(args[0]._handle.id)
 
 
+@DISPATCHER.rule(aten.repeat_interleave.Tensor)
+def repeat_interleave(func, args, kwargs):
+    """The result's length is the repeats' sum: without ``output_size`` the meta kernel cannot
+    know it, so the op runs at once and its shape is asked back (CUDA syncs for it too)."""
+    if kwargs.get("output_size") is not None:
+        return DISPATCHER.run(func, args, kwargs)
+    return DISPATCHER.run_data_dependent(func, wire_form(list(args), []), wire_form(kwargs, []))
+
+
 # Ops the workers cannot run as such (the CUDA-only fused RNN cells torch emits for any non-CPU
 # input; torch.equal / allclose, whose result is a Python bool), as ordinary device ops.
 from offload import decompositions  # noqa: E402,F401  (registers its rules on DISPATCHER)

@@ -89,6 +89,11 @@ def test_data_dependent_shapes(dev):
     same(masked, ref)
     same(masked * 2, ref * 2)  # a data-dependent result is an ordinary tensor afterwards
     same(torch.masked_select(ra, ra < 0), torch.masked_select(a, a < 0))
+    # repeat_interleave by a tensor of repeats: the result's length is their sum.
+    repeats = torch.tensor([2, 0, 1, 3, 1, 0, 2])
+    same(ra.repeat_interleave(repeats.to(dev), dim=0), a.repeat_interleave(repeats, dim=0))
+    same(torch.repeat_interleave(repeats.to(dev)), torch.repeat_interleave(repeats))
+    same(torch.repeat_interleave(ra[:, 0], repeats.to(dev), output_size=9), torch.repeat_interleave(a[:, 0], repeats))
 
 
 def test_item_cpu_and_copies(dev):
