@@ -19,8 +19,8 @@ payload is ``[dtype, shape, frame_index]``: the bytes travel as their own frame,
 ``copy=False`` and received without a copy (``torch.frombuffer`` over the zmq frame).
 Other ext values carry torch scalars types that appear in op arguments (dtype, device, layout,
 memory format, complex numbers, tuples), ``RemoteRef`` (a handle to a tensor living on a worker),
-and ``LeafRef`` / ``DetachedRef`` (the same handle, naming the tensor as a leaf of the worker's
-autograd graph / detached from it).
+``LeafRef`` / ``DetachedRef`` (the same handle, naming the tensor as a leaf of the worker's
+autograd graph / detached from it) and ``GeneratorRef`` (a random number generator a worker holds).
 
 Replies reuse the request's ``id`` and have ``type`` ``"ok"`` or ``"error"``; an error body is
 ``{"code": str, "message": str}``. Malformed input never raises out of a server loop: it is
@@ -71,6 +71,7 @@ EXT_TUPLE = 8
 EXT_REMOTE_REF = 9
 EXT_LEAF_REF = 10
 EXT_DETACHED_REF = 11
+EXT_GENERATOR_REF = 12
 
 
 class WireError(Exception):
@@ -133,12 +134,20 @@ class DetachedRef(RemoteRef):
     __slots__ = ()
 
 
-_REF_TYPES = {EXT_REMOTE_REF: RemoteRef, EXT_LEAF_REF: LeafRef, EXT_DETACHED_REF: DetachedRef}
+class GeneratorRef(RemoteRef):
+    """A random number generator a worker holds, by its id in the worker's table (a program's
+    ``torch.Generator(device="cuda")``; docs/PROTOCOL.md, ``moai::generator``)."""
+
+    __slots__ = ()
+
+
+_REF_TYPES = {EXT_REMOTE_REF: RemoteRef, EXT_LEAF_REF: LeafRef, EXT_DETACHED_REF: DetachedRef,
+              EXT_GENERATOR_REF: GeneratorRef}
 _REF_CODES = {kind: code for code, kind in _REF_TYPES.items()}
 
 
 def packed_ref(tid: int, code: int = EXT_REMOTE_REF) -> msgpack.ExtType:
-    """``RemoteRef(tid)`` (or, by ``code``, ``LeafRef`` / ``DetachedRef``) already in the form the
+    """``RemoteRef(tid)`` (or, by ``code``, one of its kinds: ``LeafRef`` ...) already in the form the
     packer writes, which msgpack packs without a ``default`` call: a sender naming one tensor in
     many records (the front's op stream) makes it once per tensor."""
     # tuple.__new__: ExtType's own __new__ re-checks in Python the two types known here, which

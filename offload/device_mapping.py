@@ -119,6 +119,8 @@ def install():
     _patch(torch.Tensor, "to", _tensor_to(torch.Tensor.to))
     _patch(torch.Tensor, "cuda", _tensor_cuda)
     _patch(torch.Tensor, "pin_memory", _pin_memory)
+    from offload import generators   # it maps devices with this module's functions
+    _patch(torch, "Generator", generators.Generator)
     # torch.set_default_device("cuda") and `with torch.device("cuda"):` build a DeviceContext.
     context = torch.utils._device.DeviceContext
     _patch(context, "__init__", _device_context_init(context.__init__))

@@ -21,6 +21,7 @@ import torch
 
 from daemons.wire import RemoteRef
 from daemons.worker import conv_layout
+from offload import generators
 from offload import session as sessions
 from offload.device import DEVICE
 from offload.tensor import VISIBLE_DEVICE, DetachedHandle, LeafHandle, RemoteTensor
@@ -208,6 +209,8 @@ def wire_form(x, inputs: list):
         # Named as the program sees it: a worker parses "cuda:0" on any torch build and takes
         # any device in a record for its own, so it needs no name for this one.
         return VISIBLE_DEVICE
+    if isinstance(x, torch._C.Generator):
+        return generators.wire_ref(x)
     return x
 
 

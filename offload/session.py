@@ -18,7 +18,7 @@ import torch
 
 from daemons import config
 from daemons.wire import RemoteRef
-from daemons.worker.executor import GET_RNG_STATE_OP, SEED_OP, SET_RNG_STATE_OP
+from daemons.worker.executor import GENERATOR_OP, GET_RNG_STATE_OP, SEED_OP, SET_RNG_STATE_OP
 from offload import interrupt
 from offload.job import Job
 from offload.stream import MemoryProbe, Stream
@@ -27,6 +27,10 @@ _session: Session | None = None
 _lock = threading.Lock()
 _pending_seed: int | None = None
 _forked = False
+
+
+def _named(generator) -> list:
+    return [] if generator is None else [generator]
 
 
 class Session:
@@ -62,21 +66,28 @@ class Session:
             job.release()
             raise
 
-    def manual_seed(self, seed: int):
-        self.enqueue(SEED_OP, [int(seed)], {}, None)
-
-    def get_rng_state(self) -> torch.Tensor:
+    # The RNG calls are about the device's default generator, or about the generator that
+    # ``generator`` (a packed GeneratorRef, offload/generators.py) names.
+    def new_generator(self, seed: int) -> int:
         tid = self.new_id()
-        self.enqueue(GET_RNG_STATE_OP, [], {}, tid)
+        self.enqueue(GENERATOR_OP, [int(seed)], {}, tid)
+        return tid
+
+    def manual_seed(self, seed: int, generator=None):
+        self.enqueue(SEED_OP, [int(seed)] + _named(generator), {}, None)
+
+    def get_rng_state(self, generator=None) -> torch.Tensor:
+        tid = self.new_id()
+        self.enqueue(GET_RNG_STATE_OP, _named(generator), {}, tid)
         try:
             return self.fetch(tid).clone()
         finally:
             self.release_id(tid)
 
-    def set_rng_state(self, state: torch.Tensor):
+    def set_rng_state(self, state: torch.Tensor, generator=None):
         tid = self.new_id()
         self.put(tid, state.to("cpu", torch.uint8), wait_sent=True)
-        self.enqueue(SET_RNG_STATE_OP, [RemoteRef(tid)], {}, None)
+        self.enqueue(SET_RNG_STATE_OP, [RemoteRef(tid)] + _named(generator), {}, None)
         self.release_id(tid)
 
     def synchronize(self):
@@ -141,6 +152,11 @@ def _install(session: Session):
     if _pending_seed is not None:
         session.manual_seed(_pending_seed)
         _pending_seed = None
+
+
+def peek() -> Session | None:
+    """The session if there is one; never starts one."""
+    return _session
 
 
 def close():

@@ -14,8 +14,8 @@ it (``set_per_process_memory_fraction``) and its real out-of-memory error is rep
 Where SPMD plugs in (daemons/worker/spmd.py, owned with automatic parallelism): for
 ``world_size > 1`` main.py builds ``SpmdExecutor``, a subclass keeping this table, these handlers
 and the held-error rules, and overriding only what touches tensor placement: ``put``, ``_op``
-(the callable an op name resolves to), ``fetch``, ``memory_stats``, the memory meter and the
-``set_rng_state`` pseudo-op. Keep those seams stable. With ``world_size == 1`` nothing of spmd
+(the callable an op name resolves to), ``fetch``, ``memory_stats``, the memory meter and
+``_host_state`` (an uploaded generator state as the generator takes it). Keep those seams stable. With ``world_size == 1`` nothing of spmd
 is imported and ops run locally.
 
 The backward on the worker (``moai::backward``, offload/remote_backward.py): a one-worker job's
@@ -43,9 +43,12 @@ log = logging.getLogger("moai.worker.executor")
 # (custom C++ ops, torch.ops.profiler ...) is refused rather than looked up.
 ALLOWED_NAMESPACES = ("aten", "prims")
 # Pseudo-ops the front sends inside the stream, so they keep their order relative to real ops.
-SEED_OP = "moai::manual_seed"                 # args [seed]
-GET_RNG_STATE_OP = "moai::get_rng_state"      # out: a fresh id for the generator state
-SET_RNG_STATE_OP = "moai::set_rng_state"      # args [RemoteRef(state)]
+# The RNG records name a generator of a program's own (a GeneratorRef) after their other
+# arguments; without one they are about the device's default generator.
+GENERATOR_OP = "moai::generator"              # args [seed]; out: a fresh id for a new generator
+SEED_OP = "moai::manual_seed"                 # args [seed, GeneratorRef?]
+GET_RNG_STATE_OP = "moai::get_rng_state"      # args [GeneratorRef?]; out: a fresh id for its state
+SET_RNG_STATE_OP = "moai::set_rng_state"      # args [RemoteRef(state), GeneratorRef?]
 GRAD_MODE_OP = "moai::grad_mode"              # args [enabled]: torch's grad mode for the ops after it
 BACKWARD_OP = "moai::backward"                # args [loss, [LeafRef], [grad or None]]; out: grad ids
 # Op arguments that are their own value on the worker.
@@ -135,6 +138,8 @@ class Executor:
         self.leaves: dict[int, torch.Tensor] = {}
         # id -> that table tensor detached from this worker's graphs (a front's DetachedRef)
         self.detached: dict[int, torch.Tensor] = {}
+        # id -> a generator of the program's (torch.Generator(device="cuda")), beside the tensors
+        self.generators: dict[int, torch.Generator] = {}
         self._leaf_argument = False   # set when the record being resolved named a LeafRef
         self.meter = MemoryMeter()
         self.error: OpError | None = None
@@ -176,6 +181,7 @@ class Executor:
         self.tensors.clear()
         self.leaves.clear()
         self.detached.clear()
+        self.generators.clear()
 
     # --- table --------------------------------------------------------------------------------
 
@@ -200,6 +206,8 @@ class Executor:
         if self.leaves or self.detached:
             self.leaves.pop(tid, None)
             self.detached.pop(tid, None)
+        if self.generators:
+            self.generators.pop(tid, None)
         t = self.tensors.pop(tid, None)
         if t is not None and not self.on_gpu:
             self.meter.remove(t)
@@ -230,6 +238,11 @@ class Executor:
             if t is None:
                 t = self.detached[x.id] = self._plain(x.id).detach()
             return t
+        if kind is wire.GeneratorRef:
+            generator = self.generators.get(x.id)
+            if generator is None:
+                raise OpError("missing_tensor", f"generator #{x.id} does not exist on this worker")
+            return generator
         if isinstance(x, torch.Tensor) and x.dim() > 0:  # a CPU 0-dim scalar stays where it is
             return x.to(self.device)
         return x
@@ -305,14 +318,38 @@ class Executor:
 
     # --- pseudo-ops: stream records that are not aten ops -----------------------------------------
 
+    def _generator(self, refs: list) -> torch.Generator:
+        """The generator an RNG record names after its own arguments, else the device's default."""
+        if refs:
+            generator = self._resolve(refs[0])
+            if not isinstance(generator, torch.Generator):
+                raise OpError("op_failed", f"{refs[0]!r} is not a generator")
+            return generator
+        if self.on_gpu:
+            torch.cuda.init()   # fills default_generators
+            return torch.cuda.default_generators[torch.cuda.current_device()]
+        return torch.default_generator
+
+    def _new_generator(self, seq, args, out):
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(args[0]))
+        self.generators[out] = generator
+
     def _manual_seed(self, seq, args, out):
-        torch.manual_seed(int(args[0]))
+        if len(args) > 1:
+            self._generator(args[1:]).manual_seed(int(args[0]))
+        else:
+            torch.manual_seed(int(args[0]))   # every default generator, as torch.manual_seed does
 
     def _get_rng_state(self, seq, args, out):
-        self._store(out, torch.get_rng_state())
+        self._store(out, self._generator(args).get_state())
 
     def _set_rng_state(self, seq, args, out):
-        torch.set_rng_state(self._resolve(args[0]).cpu())
+        self._generator(args[1:]).set_state(self._host_state(self._resolve(args[0])))
+
+    def _host_state(self, state: torch.Tensor) -> torch.Tensor:
+        """An uploaded generator state as ``Generator.set_state`` takes it: a CPU byte tensor."""
+        return state.cpu()
 
     def _grad_mode(self, seq, args, out):
         torch.set_grad_enabled(bool(args[0]))
@@ -350,7 +387,7 @@ class Executor:
         if not self.on_gpu and self.meter.allocated > self.memory_cap:
             self._check_cap("backward", seq, 0)
 
-    _pseudo_ops = {SEED_OP: _manual_seed, GET_RNG_STATE_OP: _get_rng_state,
+    _pseudo_ops = {GENERATOR_OP: _new_generator, SEED_OP: _manual_seed, GET_RNG_STATE_OP: _get_rng_state,
                    SET_RNG_STATE_OP: _set_rng_state, GRAD_MODE_OP: _grad_mode, BACKWARD_OP: _backward}
 
     def _plain(self, tid: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy,
 from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons import wire
-from daemons.worker.executor import SET_RNG_STATE_OP, Executor, MemoryMeter
+from daemons.worker.executor import Executor, MemoryMeter
 from daemons.worker.placement import PlacementPolicy
 from daemons.worker.spec import WorkerSpec
 
@@ -309,12 +309,9 @@ class SpmdExecutor(Executor):
         self.meter = ShardMeter()
         self.backend = SpmdBackend(spec)
 
-    def _run_one(self, record):
-        if record[1] == SET_RNG_STATE_OP:
-            # The uploaded state is a (replicated) DTensor here; the generator takes a plain one.
-            torch.set_rng_state(local(self._resolve(record[2][0])).cpu())
-            return
-        super()._run_one(record)
+    def _host_state(self, state) -> torch.Tensor:
+        # The uploaded state is a (replicated) DTensor here; the generator takes a plain one.
+        return local(state).cpu()
 
     def _op(self, name: str):
         op = super()._op(name)

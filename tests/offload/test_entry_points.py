@@ -936,6 +936,64 @@ def test_topk_multinomial_and_the_cuda_rng_state():
     torch.cuda.random.set_rng_state(torch.cuda.get_rng_state())
 
 
+def test_a_generator_of_the_device_draws_apart_from_the_global_stream():
+    """``torch.Generator("cuda").manual_seed(s)`` (diffusion pipelines, samplers): its draws are
+    its own, reproducible from its seed or state, and leave the default generator alone. A CPU
+    worker's generator is the CPU's: the same seed gives the same numbers as on the host."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    assert isinstance(g, torch.Generator) and g.device == torch.device("cuda", 0)
+    assert g.initial_seed() == 7 and torch.Generator("cuda").initial_seed() == torch.Generator().initial_seed()
+    host = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    default_draw = torch.rand(3, device="cuda").cpu()
+
+    torch.manual_seed(0)
+    noise = torch.randn(2, 5, generator=g, device="cuda")
+    same(noise, torch.randn(2, 5, generator=host))
+    filled = torch.empty(4, device="cuda").normal_(generator=g)
+    same(filled, torch.empty(4).normal_(generator=host))
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.5, 0.0]])
+    same(torch.multinomial(probs.cuda(), 4, replacement=True, generator=g),
+         torch.multinomial(probs, 4, replacement=True, generator=host))
+    same(torch.randperm(6, generator=g, device="cuda"), torch.randperm(6, generator=host))
+    same(torch.rand(3, device="cuda"), default_draw)   # the default stream did not move
+
+    state = g.get_state()
+    assert state.dtype == torch.uint8 and state.device.type == "cpu"
+    assert torch.equal(state, host.get_state())
+    after = torch.randint(0, 100, (5,), generator=g, device="cuda").cpu()
+    g.set_state(state)
+    assert torch.equal(torch.randint(0, 100, (5,), generator=g, device="cuda").cpu(), after)
+    g.manual_seed(7)
+    same(torch.randn(2, 5, generator=g, device="cuda"), noise.cpu())
+
+    # Seeded before any device use, or never used: the first op still draws from that seed.
+    fresh = torch.Generator("cuda")
+    fresh.manual_seed(3)
+    same(torch.rand(4, generator=fresh, device="cuda"), torch.rand(4, generator=torch.Generator().manual_seed(3)))
+
+    with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator but found 'cpu'"):
+        torch.randn(3, generator=host, device="cuda")
+
+
+def test_the_workers_free_a_generator_with_the_programs_object(dev):
+    from offload import session as sessions
+
+    worker = sessions.current()
+    g = torch.Generator("cuda").manual_seed(1)
+    torch.rand(2, generator=g, device="cuda")
+    torch.cuda.synchronize()
+    freed = []
+    original, worker.release_id = worker.release_id, freed.append
+    try:
+        generator_id = g._id
+        del g
+        gc.collect()
+    finally:
+        worker.release_id = original
+    assert freed == [generator_id]
+
+
 # --- 12. streams and synchronization -------------------------------------------------------------
 def test_stream_queries_and_synchronize():
     assert torch.cuda.is_current_stream_capturing() is False

@@ -182,6 +182,37 @@ def test_ids_freed_with_a_batch_are_released_after_its_ops(worker):
         client.close()
 
 
+def test_a_program_s_generator_lives_on_the_worker_until_freed(worker):
+    """``moai::generator`` makes a generator of the worker's device; records name it by a
+    GeneratorRef (draws, seed, state); freed, its id names nothing."""
+    client = wire.Client(worker.address, SECRET, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
+    g = wire.GeneratorRef(5)
+    host = torch.Generator().manual_seed(7)
+    try:
+        client.send("run_ops", {"ops": [
+            [0, "moai::get_rng_state", [], {}, 4],
+            [1, "moai::generator", [7], {}, 5],
+            [2, "aten::randn.generator", [[3]], {"generator": g}, 6],
+            [3, "moai::get_rng_state", [g], {}, 7],
+            [4, "moai::manual_seed", [7, g], {}, None],
+            [5, "aten::randn.generator", [[3]], {"generator": g}, 8],
+            [6, "moai::set_rng_state", [wire.RemoteRef(7), g], {}, None],
+            [7, "aten::randn.generator", [[3]], {"generator": g}, 9],
+            [8, "moai::get_rng_state", [], {}, 10]]})
+        first = torch.randn(3, generator=host)
+        for tid in (6, 8):
+            assert torch.equal(client.call("fetch", {"id": tid, "seq": 8})["tensor"], first)
+        assert torch.equal(client.call("fetch", {"id": 9, "seq": 8})["tensor"], torch.randn(3, generator=host))
+        default_state = client.call("fetch", {"id": 4, "seq": 8})["tensor"]
+        assert torch.equal(client.call("fetch", {"id": 10, "seq": 8})["tensor"], default_state)
+        client.send("run_ops", {"ops": [], "free": [5]})
+        client.send("run_ops", {"ops": [[9, "aten::randn.generator", [[3]], {"generator": g}, 11]]})
+        with pytest.raises(wire.RemoteError, match="generator #5 does not exist on this worker"):
+            client.call("sync", {"seq": 9})
+    finally:
+        client.close()
+
+
 def test_a_worker_process_leaves_torch_accelerator_to_the_machine(tmp_path):
     """Records name the device as cuda:0, so the worker claims no device type: torch code asking
     for the accelerator there (optimizers, torch.distributed) finds the machine's own."""
