@@ -119,8 +119,12 @@ def install():
     _patch(torch.Tensor, "to", _tensor_to(torch.Tensor.to))
     _patch(torch.Tensor, "cuda", _tensor_cuda)
     _patch(torch.Tensor, "pin_memory", _pin_memory)
-    from offload import generators   # it maps devices with this module's functions
+    from offload import generators, legacy_types   # they map devices with this module's functions
     _patch(torch, "Generator", generators.Generator)
+    for name, legacy_type in legacy_types.TYPES.items():
+        _patch(torch.cuda, name, legacy_type)
+    _patch(torch.Tensor, "type", legacy_types.tensor_type(torch.Tensor.type))
+    _patch(torch, "set_default_tensor_type", legacy_types.DefaultTensorType(torch.set_default_tensor_type))
     # torch.set_default_device("cuda") and `with torch.device("cuda"):` build a DeviceContext.
     context = torch.utils._device.DeviceContext
     _patch(context, "__init__", _device_context_init(context.__init__))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1132,6 +1133,38 @@ def test_storages_and_data_pointers_tell_tensors_apart_as_on_cuda():
     assert weight.detach().data_ptr() == weight.data_ptr() and weight.clone().data_ptr() != weight.data_ptr()
     with pytest.raises(NotImplementedError, match="read them through the tensor"):
         weight.untyped_storage().tolist()
+
+
+def test_legacy_cuda_tensor_types():
+    """``Tensor = torch.cuda.FloatTensor if cuda else torch.FloatTensor`` (older GAN and RL code):
+    the types make device tensors, device tensors are of them, and ``type()`` names them."""
+    Tensor, LongTensor = torch.cuda.FloatTensor, torch.cuda.LongTensor
+    valid = Tensor(3, 1).fill_(1.0)
+    same(valid, torch.ones(3, 1))
+    same(LongTensor([1, 2]), torch.tensor([1, 2]))
+    same(Tensor(torch.Size([2])).zero_(), torch.zeros(2))
+    same(Tensor(np.arange(3.0)), torch.arange(3.0))
+    assert isinstance(valid, torch.cuda.FloatTensor) and isinstance(valid, Tensor)
+    assert not isinstance(valid, LongTensor) and not isinstance(torch.ones(1), Tensor)
+    assert valid.type() == "torch.cuda.FloatTensor" and torch.typename(valid) == "torch.cuda.FloatTensor"
+    assert valid.long().type() == "torch.cuda.LongTensor" and torch.ones(1).type() == "torch.FloatTensor"
+
+    same(torch.tensor([1.5, 2.5]).type(LongTensor), torch.tensor([1, 2]))
+    same(valid.type("torch.cuda.HalfTensor"), torch.ones(3, 1, dtype=torch.half))
+    assert valid.type(Tensor) is valid
+    assert torch.equal(valid.type(torch.FloatTensor), torch.ones(3, 1))   # to the host, as on CUDA
+
+    dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_tensor_type(torch.cuda.DoubleTensor)
+        made = torch.zeros(2)
+        assert made.is_cuda and made.dtype == torch.float64
+        torch.set_default_tensor_type("torch.FloatTensor")
+        made = torch.zeros(2)
+        assert made.device.type == "cpu" and made.dtype == torch.float32
+    finally:
+        torch.set_default_device(None)
+        torch.set_default_dtype(dtype)
 
 
 def test_equal_allclose_and_nvtx():
