@@ -8,7 +8,7 @@ and opens no socket.
 from __future__ import annotations
 
 from offload import (autocast, cuda_facade, device, device_mapping, dispatch, eager_compile, remote_backward,
-                     serialization)
+                     serialization, torch_settings)
 
 _active = False
 
@@ -27,6 +27,7 @@ def activate():
     dispatch.install_upload_hints()
     remote_backward.install()
     eager_compile.install()
+    torch_settings.install()
     _active = True
 
 

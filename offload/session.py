@@ -26,6 +26,7 @@ from offload.stream import MemoryProbe, Stream
 _session: Session | None = None
 _lock = threading.Lock()
 _pending_seed: int | None = None
+_start_hooks: list = []   # called with each new session before it streams anything
 _forked = False
 
 
@@ -146,9 +147,16 @@ def connect(addresses: list[str], secret: str) -> Session:
         return _session
 
 
+def on_start(hook):
+    """Call ``hook(session)`` when a session starts, before the program's first op reaches it."""
+    _start_hooks.append(hook)
+
+
 def _install(session: Session):
     global _session, _pending_seed
     _session = session
+    for hook in _start_hooks:
+        hook(session)
     if _pending_seed is not None:
         session.manual_seed(_pending_seed)
         _pending_seed = None

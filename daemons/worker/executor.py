@@ -34,7 +34,7 @@ import logging
 import torch
 
 from daemons import wire
-from daemons.worker import conv_layout, fused_attention, fused_linear, host_memory
+from daemons.worker import conv_layout, fused_attention, fused_linear, host_memory, torch_settings
 from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
@@ -351,6 +351,13 @@ class Executor:
         """An uploaded generator state as ``Generator.set_state`` takes it: a CPU byte tensor."""
         return state.cpu()
 
+    def _setting(self, seq, args, out):
+        try:
+            done = torch_settings.apply(*args)
+        except Exception as e:
+            raise OpError("op_failed", f"setting (op #{seq}) failed: {type(e).__name__}: {e}") from None
+        log.info("the program set %s", done)
+
     def _grad_mode(self, seq, args, out):
         torch.set_grad_enabled(bool(args[0]))
 
@@ -388,7 +395,8 @@ class Executor:
             self._check_cap("backward", seq, 0)
 
     _pseudo_ops = {GENERATOR_OP: _new_generator, SEED_OP: _manual_seed, GET_RNG_STATE_OP: _get_rng_state,
-                   SET_RNG_STATE_OP: _set_rng_state, GRAD_MODE_OP: _grad_mode, BACKWARD_OP: _backward}
+                   SET_RNG_STATE_OP: _set_rng_state, GRAD_MODE_OP: _grad_mode, BACKWARD_OP: _backward,
+                   torch_settings.SETTING_OP: _setting}
 
     def _plain(self, tid: int) -> torch.Tensor:
         t = self.tensors.get(tid)

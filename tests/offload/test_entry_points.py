@@ -223,6 +223,48 @@ def test_dataloader_fork_workers_and_pinning_after_the_model_is_on_the_device(tm
     torch.testing.assert_close(losses, ref, **FP32)
 
 
+SETTINGS_PROGRAM = textwrap.dedent("""\
+    import os
+    import sys
+    import torch
+    from offload import activation, session
+
+    activation.activate()
+    # Set before the device's first use, as scripts do at their top.
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    session.connect([sys.argv[1]], sys.argv[2])
+    print("plain", torch.empty(3, device="cuda").isnan().all().item())
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    print("deterministic", torch.empty(3, device="cuda").isnan().all().item())   # NaN-filled, as native
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.use_deterministic_algorithms(False)
+    torch.cuda.synchronize()
+""")
+
+
+def test_the_program_s_device_settings_reach_the_workers(tmp_path):
+    """cuDNN autotuning, TF32, deterministic algorithms: each change the program makes is made on
+    the workers too, in order with its ops (a CPU worker shows determinism by filling new memory
+    with NaN, as native torch does)."""
+    program = tmp_path / "settings.py"
+    program.write_text(SETTINGS_PROGRAM)
+    w = start_worker(tmp_path / "worker")
+    try:
+        out = subprocess.run([sys.executable, str(program), w.address, SECRET], capture_output=True,
+                             text=True, timeout=120, env=clean_env(tmp_path), cwd=REPO_ROOT)
+    finally:
+        w.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["plain", "False", "deterministic", "True"]
+    changes = [line.split("the program set ", 1)[1] for line in w.log.read_text().splitlines()
+               if "the program set " in line]
+    assert changes == ["torch.backends.cudnn.benchmark = True", "torch.set_float32_matmul_precision('high')",
+                       "CUBLAS_WORKSPACE_CONFIG=:4096:8", "torch.use_deterministic_algorithms(True, warn_only=True)",
+                       "torch.backends.cuda.matmul.allow_tf32 = False", "torch.use_deterministic_algorithms(False)"]
+
+
 # --- 4. torch.save / torch.load ------------------------------------------------------------------
 def test_save_and_load_tensors_and_state_dicts(tmp_path):
     a = torch.randn(3, 4)

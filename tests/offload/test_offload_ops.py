@@ -1,5 +1,6 @@
 """Tensor ops on the virtual device, run by a real worker, against the same ops on plain CPU torch."""
 import gc
+import re
 import subprocess
 import sys
 
@@ -209,6 +210,27 @@ def test_a_program_s_generator_lives_on_the_worker_until_freed(worker):
         client.send("run_ops", {"ops": [[9, "aten::randn.generator", [[3]], {"generator": g}, 11]]})
         with pytest.raises(wire.RemoteError, match="generator #5 does not exist on this worker"):
             client.call("sync", {"seq": 9})
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("record, error", [
+    (["torch", "load", ["/etc/passwd"], {}], "torch.load is not a setting a program may change"),
+    (["os", "system", ["true"], {}], "os.system is not a setting"),
+    (["torch.backends.cudnn", "benchmark", [[True]], {}], "only booleans, integers, strings and nil"),
+    (["os.environ", "CUBLAS_WORKSPACE_CONFIG", ["; rm -rf /"], {}], "must look like ':4096:8'"),
+    (["torch.backends.cudnn"], "TypeError"),
+], ids=["function", "module", "value", "environment", "short"])
+def test_a_worker_refuses_settings_it_does_not_know(worker, record, error):
+    """``moai::setting`` names torch's settings by strings; anything else is refused, held like a
+    failed op, and the stream goes on."""
+    client = wire.Client(worker.address, SECRET, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES)
+    try:
+        client.send("run_ops", {"ops": [[1, "moai::setting", record, {}, None]]})
+        with pytest.raises(wire.RemoteError, match=f"setting \\(op #1\\) failed: .*{re.escape(error)}"):
+            client.call("sync", {"seq": 1})
+        client.send("run_ops", {"ops": [[2, "moai::setting", ["torch.backends.cudnn", "benchmark", [True], {}], {}, None]]})
+        client.call("sync", {"seq": 2})
     finally:
         client.close()
 
