@@ -7,8 +7,8 @@ and opens no socket.
 """
 from __future__ import annotations
 
-from offload import (autocast, cuda_facade, device, device_mapping, dispatch, eager_compile, remote_backward,
-                     serialization, torch_settings)
+from offload import (autocast, cuda_facade, device, device_mapping, dispatch, distributed, eager_compile,
+                     remote_backward, serialization, torch_settings)
 
 _active = False
 
@@ -28,6 +28,7 @@ def activate():
     remote_backward.install()
     eager_compile.install()
     torch_settings.install()
+    distributed.install()
     _active = True
 
 

@@ -18,7 +18,8 @@ the front as before, with the same results:
   traceback: the front's);
 - the graph: no custom ``autograd.Function`` (but the virtual device's own linear), no hook on a
   leaf, none on an inner tensor or a module (``register_hook``, ``retain_grad``, module backward
-  hooks: seen when registered), no saved-tensor hooks ever entered (checkpointing); every leaf a
+  hooks: seen when registered), no saved-tensor hooks ever entered (checkpointing), no
+  ``DistributedDataParallel`` ever made (its reducer hooks the leaves in C++); every leaf a
   device tensor whose forward ops named it as a leaf.
 
 A parameter's first backward is traced on the front and marks it a leaf (``LeafHandle``); the
@@ -74,6 +75,8 @@ def install():
     _note_when_called(torch.nn.Module, "register_backward_hook")   # it hooks grad_fn: never seen
     # Checkpointing, offloading to the host: the worker's graph would keep what they drop.
     _note_when_called(torch.autograd.graph.saved_tensors_hooks, "__enter__")
+    # DistributedDataParallel's reducer hooks the parameters' gradient accumulators (in C++).
+    _note_when_called(torch.nn.parallel.DistributedDataParallel, "__init__")
 
 
 def _note_graph_hook():

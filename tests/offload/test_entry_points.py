@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daemons.loopback_ports import free_port
 from worker_fixture import REPO_ROOT, SECRET, clean_env, start_worker
 
 pytestmark = pytest.mark.timeout(180)
@@ -221,6 +222,85 @@ def test_dataloader_fork_workers_and_pinning_after_the_model_is_on_the_device(tm
     ref = [float(line.split()[1]) for line in native.stdout.splitlines()]
     assert len(losses) == 6
     torch.testing.assert_close(losses, ref, **FP32)
+
+
+DDP_PROGRAM = textwrap.dedent("""\
+    # A script written for torchrun, launched with one process (torchrun sets these).
+    import os
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=sys.argv[2])
+    if sys.argv[1] == "cpu":
+        device, backend, device_id = "cpu", "gloo", None
+    else:
+        from offload import activation, session
+        activation.activate()
+        session.connect([sys.argv[3]], sys.argv[4])
+        device, backend = "cuda", "nccl"
+        device_id = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device_id)
+    dist.init_process_group(backend=backend, device_id=device_id)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None)
+
+    def halved(state, bucket):   # a communication hook: it sees, and here changes, every gradient
+        work = dist.all_reduce(bucket.buffer().mul_(0.5), async_op=True)
+        return work.get_future().then(lambda future: future.value()[0])
+
+    ddp.register_comm_hook(None, halved)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x, y = torch.randn(8, 6, generator=g).to(device), torch.randint(0, 3, (8,), generator=g).to(device)
+        loss = F.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        print("loss", repr(loss.item()), flush=True)
+    t = torch.arange(4.0, device=device)
+    parts = [torch.zeros(4, device=device)]
+    dist.all_gather(parts, t)
+    whole = torch.zeros(4, device=device)
+    dist.all_gather_into_tensor(whole, t * 2)
+    dist.broadcast(t, src=0)
+    dist.barrier()
+    objects = [None]
+    dist.all_gather_object(objects, {"rank": dist.get_rank()})
+    print("gathered", parts[0].tolist(), whole.tolist(), t.tolist(), objects, dist.get_world_size(), flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_path):
+    """``dist.init_process_group("nccl")`` and ``DistributedDataParallel`` in a one-process run:
+    the collectives of one process, DDP's bucketed gradients through its communication hook (so the
+    backward is traced: the reducer's hooks are torch's C++), the same losses as DDP on the CPU."""
+    program = tmp_path / "ddp.py"
+    program.write_text(DDP_PROGRAM)
+    env = clean_env(tmp_path)
+    native = subprocess.run([sys.executable, str(program), "cpu", str(free_port())], capture_output=True,
+                            text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    assert native.returncode == 0, native.stderr[-3000:]
+    w = start_worker(tmp_path / "worker")
+    try:
+        out = subprocess.run([sys.executable, str(program), "cuda", str(free_port()), w.address, SECRET],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    finally:
+        w.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("loss")]
+    ref = [float(line.split()[1]) for line in native.stdout.splitlines() if line.startswith("loss")]
+    assert len(losses) == 4
+    torch.testing.assert_close(losses, ref, **FP32)
+    gathered = [line for line in out.stdout.splitlines() if line.startswith("gathered")]
+    assert gathered == ["gathered [0.0, 1.0, 2.0, 3.0] [0.0, 2.0, 4.0, 6.0] [0.0, 1.0, 2.0, 3.0] [{'rank': 0}] 1"]
 
 
 SETTINGS_PROGRAM = textwrap.dedent("""\
