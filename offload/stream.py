@@ -44,7 +44,9 @@ class DeviceLostError(RuntimeError):
 def remote_exception(e: wire.RemoteError) -> Exception:
     """The exception a CUDA program would see for a worker's error reply."""
     if e.code == "oom":
-        return torch.OutOfMemoryError(f"CUDA out of memory (virtual device cuda:0). {e.message}")
+        # Worded as CUDA's: tools that lower the batch size on OOM (accelerate, Lightning) match
+        # "CUDA out of memory." in the message.
+        return torch.OutOfMemoryError(f"CUDA out of memory. {e.message} (the virtual device cuda:0)")
     return RuntimeError(f"CUDA error on the virtual device cuda:0 ({e.code}): {e.message}\n"
                         "Device errors are reported asynchronously: the op named above may not be "
                         "the one that the Python traceback points at.")

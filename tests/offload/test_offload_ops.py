@@ -302,6 +302,7 @@ def test_out_of_memory_is_the_cuda_error_and_leaves_the_device_intact(dev):
         huge = torch.empty(1 << 30, device=dev)  # 4 GiB, past the worker's cap
         session.synchronize()
     assert isinstance(info.value, RuntimeError)
+    assert len(info.value.args) == 1 and info.value.args[0].startswith("CUDA out of memory. ")  # as tools match it
     del huge
     with pytest.raises(torch.OutOfMemoryError):  # an op's result past the cap is refused too
         half = torch.ones(40 << 20, device=dev)  # 160 MiB: fits
