@@ -78,8 +78,8 @@ class DeviceGenerator(_C_GENERATOR):
         sessions.current().set_rng_state(new_state, self.wire_ref())
         return self
 
-    def __del__(self):
-        if self._session is not None and self._session is sessions.peek():
+    def __del__(self, current_session=sessions.peek):   # bound when defined, as Handle.__del__'s
+        if self._session is not None and self._session is current_session():
             self._session.release_id(self._id)
 
 

@@ -34,9 +34,11 @@ class Handle:
         self.id = tid
         self.ref = packed_ref(tid)
 
-    def __del__(self):
-        # Only appends to a list: safe at any point the garbage collector runs.
-        session.release_id(self.id)
+    def __del__(self, release=session.release_id):
+        # Only appends to a list: safe at any point the garbage collector runs. Bound when defined:
+        # a tensor a module imported before this one holds (torch's own registries) dies at exit
+        # after this module's globals are gone.
+        release(self.id)
 
     @property
     def plain(self) -> Handle:

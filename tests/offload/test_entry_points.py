@@ -303,6 +303,37 @@ def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_pa
     assert gathered == ["gathered [0.0, 1.0, 2.0, 3.0] [0.0, 2.0, 4.0, 6.0] [0.0, 1.0, 2.0, 3.0] [{'rank': 0}] 1"]
 
 
+EXIT_PROGRAM = textwrap.dedent("""\
+    import sys
+    import torch
+    from offload import activation, session
+
+    activation.activate()
+    session.connect([sys.argv[1]], sys.argv[2])
+    # Held by a module imported before the layer's: freed at exit after the layer's modules.
+    torch.kept = torch.ones(3, device="cuda")
+    torch.kept_generator = torch.Generator("cuda").manual_seed(1)
+    torch.rand(2, generator=torch.kept_generator, device="cuda")
+    print("done", torch.kept.sum().item())
+""")
+
+
+def test_device_tensors_alive_at_exit_go_quietly(tmp_path):
+    program = tmp_path / "exit.py"
+    program.write_text(EXIT_PROGRAM)
+    # The import hook off, so that the layer's modules come after torch, as they do when a program
+    # or a library activates it: Python clears modules at exit in the reverse order.
+    env = dict(clean_env(tmp_path), MOAI_OFFLOAD="0")
+    w = start_worker(tmp_path / "worker")
+    try:
+        out = subprocess.run([sys.executable, str(program), w.address, SECRET], capture_output=True,
+                             text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    finally:
+        w.stop()
+    assert out.returncode == 0 and out.stdout == "done 3.0\n", out.stderr[-3000:]
+    assert "Exception ignored" not in out.stderr and "Error" not in out.stderr, out.stderr[-3000:]
+
+
 SETTINGS_PROGRAM = textwrap.dedent("""\
     import os
     import sys
