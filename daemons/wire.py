@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -531,16 +532,27 @@ class Server:
             self.sock.close(linger=0)
 
 
+# As plain ints: zmq's are enum flags, whose ``&`` costs a Python call in the polling loops.
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
 def recv_within(sock: zmq.Socket, timeout_s: float) -> list | None:
     """The next message's frames (not copied), or None if none arrives within ``timeout_s``.
 
     A receive timeout rather than ``Socket.poll``, which builds and registers a Poller on every
-    call: the receive path of every request the front waits on."""
-    sock.setsockopt(zmq.RCVTIMEO, max(0, int(timeout_s * 1000)))
+    call: the receive path of every request the front waits on. The timeout is set only when it
+    changes (a server waits with the same one message after message)."""
+    timeout_ms = max(0, int(timeout_s * 1000))
+    if _receive_timeouts.get(sock) != timeout_ms:
+        sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        _receive_timeouts[sock] = timeout_ms
     try:
         return sock.recv_multipart(copy=False)
     except zmq.Again:
         return None
+
+
+_receive_timeouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def recv_polling(sock: zmq.Socket, spin_s: float) -> list | None:
@@ -549,7 +561,7 @@ def recv_polling(sock: zmq.Socket, spin_s: float) -> list | None:
     Holds the GIL between checks."""
     end = time.perf_counter() + spin_s
     while True:
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no syscall: zmq's own queue
+        if sock.getsockopt(EVENTS) & POLLIN:  # no syscall: zmq's own queue
             return sock.recv_multipart(copy=False)
         if time.perf_counter() >= end:
             return None
