@@ -343,6 +343,12 @@ class SpmdExecutor(Executor):
     def memory_stats(self, msg):
         return {**super().memory_stats(msg), **self.backend.stats()}
 
+    def set_memory_fraction(self, msg):
+        reply = super().set_memory_fraction(msg)
+        # Parameters uploaded from now on are placed against the lowered cap (ZeRO-3 sooner).
+        self.backend.policy.memory_cap = self.memory_cap
+        return reply
+
     def close(self):
         super().close()
         self.backend.close()

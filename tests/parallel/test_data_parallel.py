@@ -93,6 +93,22 @@ def test_zero3_re_places_aliases_of_earlier_parameters():
             torch.testing.assert_close(job.fetch(2 * i + 2), p)
 
 
+def test_a_memory_fraction_lowers_the_budget_parameters_are_placed_against():
+    """``torch.cuda.set_per_process_memory_fraction`` before the model is moved: the parameters
+    that would fit replicated under the job's cap are sharded under the program's fraction of it."""
+    params = [torch.randn(64, 32) for _ in range(4)]
+    nbytes = params[0].nbytes
+    cap = int(4 * 3.5 * nbytes / 0.75)       # as above: 4 * P passes 3/4 of the cap at the 4th upload
+    with LocalJob(2, memory_cap=cap * 10) as job:
+        job.call("set_memory_fraction", {"fraction": 0.1})
+        for i, p in enumerate(params):
+            job.send("put", {"id": i + 1, "tensor": p, "shard": "param"})
+        held = [reply["allocated"] for reply in job.call("memory_stats", {})]
+        assert held == [len(params) * nbytes // 2] * 2       # each rank: half of every parameter
+        for i, p in enumerate(params):
+            torch.testing.assert_close(job.fetch(i + 1), p)
+
+
 def test_dead_peer_is_an_error_not_a_hang():
     recorder, _ = record_mlp_training(batch=BATCH, steps=1)
     first_op = next(i for i, step in enumerate(recorder.steps) if step[0] == "ops")
