@@ -20,7 +20,7 @@ import torch.cuda.nvtx
 import torch.cuda.random
 import torch.nn.parallel._functions
 
-from offload import cuda_streams, unsupported
+from offload import cuda_streams, sync_debug, unsupported
 from offload.device_mapping import map_device
 
 DEVICE_NAME_PREFIX = "MoAI Accelerator"
@@ -278,6 +278,7 @@ _FUNCTIONS = {
     "get_allocator_backend": lambda: "native",
     "set_per_process_memory_fraction": set_per_process_memory_fraction,
     "get_per_process_memory_fraction": get_per_process_memory_fraction,
+    "set_sync_debug_mode": sync_debug.set_mode, "get_sync_debug_mode": sync_debug.get_mode,
 }
 _RANDOM = {
     "manual_seed": manual_seed, "manual_seed_all": manual_seed, "seed": seed, "seed_all": seed,

@@ -12,6 +12,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -1257,6 +1258,33 @@ def test_moving_a_model_keeps_tied_parameters_tied(move):
     for m in (model, remote):
         m.head(m.embed(tokens.to(m.embed.weight.device))).float().sum().backward()
     same(remote.embed.weight.grad.float(), model.embed.weight.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_sync_debug_mode_reports_the_waits_the_program_did_not_ask_for():
+    """``torch.cuda.set_sync_debug_mode("warn")`` finds the hidden syncs of a loop (``.item()``, a
+    copy to the host, a data-dependent shape); ops that stream and an explicit synchronize pass."""
+    x = torch.randn(6).cuda()
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        assert torch.cuda.get_sync_debug_mode() == 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = (x * 2).relu()
+            torch.cuda.synchronize()
+            assert not caught
+            y.sum().item()
+            y.cpu()
+            x[x > 0]
+        assert [str(w.message) for w in caught] == ["called a synchronizing CUDA operation"] * 3
+        torch.cuda.set_sync_debug_mode(2)
+        with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
+            y.max().item()
+        with pytest.raises(RuntimeError, match="invalid value of debug_mode"):
+            torch.cuda.set_sync_debug_mode("loud")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.cuda.get_sync_debug_mode() == 0
+    same(y, (x.cpu() * 2).relu())
 
 
 def test_storages_and_data_pointers_tell_tensors_apart_as_on_cuda():
