@@ -31,9 +31,9 @@ _BY_ADDRESS: weakref.WeakValueDictionary[int, DeviceGenerator] = weakref.WeakVal
 
 
 class DeviceGenerator(_C_GENERATOR):
-    """A generator of cuda:0. The C object underneath is a CPU generator that nothing draws from:
-    it lets torch's argument parsing take this object where a ``Generator`` goes, and the op then
-    reaches the virtual device's dispatch, which names the worker's generator instead."""
+    """A generator of cuda:0. The C object underneath is a CPU generator that no device op draws
+    from: it lets torch's argument parsing take this object where a ``Generator`` goes, and the op
+    then reaches the virtual device's dispatch, which names the worker's generator instead."""
 
     def __init__(self, device=None):
         _BY_ADDRESS[self._cdata] = self
@@ -59,7 +59,7 @@ class DeviceGenerator(_C_GENERATOR):
         self._seed = int(seed) & ((1 << 64) - 1)   # torch takes any int and keeps its low 64 bits
         # The C generator too: a CPU op given this one (CUDA would refuse it) draws from the seed.
         _C_GENERATOR.manual_seed(self, self._seed)
-        if self._session is sessions.peek():
+        if self._session is not None and self._session is sessions.peek():
             self._session.manual_seed(self._seed, self._ref)
         return self
 

@@ -310,16 +310,19 @@ EXIT_PROGRAM = textwrap.dedent("""\
     from offload import activation, session
 
     activation.activate()
-    session.connect([sys.argv[1]], sys.argv[2])
-    # Held by a module imported before the layer's: freed at exit after the layer's modules.
-    torch.kept = torch.ones(3, device="cuda")
+    # Held by a module imported before the layer's: freed at exit after the layer's modules. The
+    # generator is seeded before the device's first use, as at the top of a script.
     torch.kept_generator = torch.Generator("cuda").manual_seed(1)
-    torch.rand(2, generator=torch.kept_generator, device="cuda")
-    print("done", torch.kept.sum().item())
+    session.connect([sys.argv[1]], sys.argv[2])
+    torch.kept = torch.ones(3, device="cuda")
+    drawn = torch.rand(2, generator=torch.kept_generator, device="cuda")
+    print("done", torch.kept.sum().item(), torch.equal(drawn.cpu(), torch.rand(2, generator=torch.Generator().manual_seed(1))))
 """)
 
 
-def test_device_tensors_alive_at_exit_go_quietly(tmp_path):
+def test_a_generator_seeded_early_and_tensors_alive_at_exit(tmp_path):
+    """A device generator seeded before the device's first use draws from that seed; device
+    tensors and generators still alive when the interpreter exits go without a word."""
     program = tmp_path / "exit.py"
     program.write_text(EXIT_PROGRAM)
     # The import hook off, so that the layer's modules come after torch, as they do when a program
@@ -331,7 +334,7 @@ def test_device_tensors_alive_at_exit_go_quietly(tmp_path):
                              text=True, timeout=120, env=env, cwd=REPO_ROOT)
     finally:
         w.stop()
-    assert out.returncode == 0 and out.stdout == "done 3.0\n", out.stderr[-3000:]
+    assert out.returncode == 0 and out.stdout == "done 3.0 True\n", out.stderr[-3000:]
     assert "Exception ignored" not in out.stderr and "Error" not in out.stderr, out.stderr[-3000:]
 
 
