@@ -136,7 +136,8 @@ def into_tensor(func, args, kwargs):
 @DISPATCHER.rule(c10d.allgather_into_tensor_coalesced_.default, c10d.reduce_scatter_tensor_coalesced_.default,
                  c10d.alltoall_base_.default)
 def into_tensors(func, args, kwargs):
-    outputs, inputs = (args[0], args[1]) if func is not c10d.alltoall_base_.default else ([args[0]], [args[1]])
+    single = func is c10d.alltoall_base_.default   # one tensor each way, not lists
+    outputs, inputs = ([args[0]], [args[1]]) if single else (args[0], args[1])
     _one_process(func, args[2])
     _copy(outputs, inputs)
     return _done(list(outputs))

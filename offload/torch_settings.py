@@ -29,7 +29,8 @@ _targets: dict[int, str] = {}
 def _record(target: str, name: str, args: list, kwargs: dict):
     if target == "torch" and name == "use_deterministic_algorithms":
         workspace = os.environ.get(CUBLAS_WORKSPACE_CONFIG)
-        if workspace is not None and _changes.get((ENVIRONMENT, CUBLAS_WORKSPACE_CONFIG)) != ([workspace], {}):
+        sent = _changes.get((ENVIRONMENT, CUBLAS_WORKSPACE_CONFIG))
+        if workspace is not None and sent != ([workspace], {}):
             _record(ENVIRONMENT, CUBLAS_WORKSPACE_CONFIG, [workspace], {})
     _changes.pop((target, name), None)
     _changes[(target, name)] = (args, kwargs)

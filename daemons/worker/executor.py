@@ -14,9 +14,9 @@ it (``set_per_process_memory_fraction``) and its real out-of-memory error is rep
 Where SPMD plugs in (daemons/worker/spmd.py, owned with automatic parallelism): for
 ``world_size > 1`` main.py builds ``SpmdExecutor``, a subclass keeping this table, these handlers
 and the held-error rules, and overriding only what touches tensor placement: ``put``, ``_op``
-(the callable an op name resolves to), ``fetch``, ``memory_stats``, the memory meter and
-``_host_state`` (an uploaded generator state as the generator takes it). Keep those seams stable. With ``world_size == 1`` nothing of spmd
-is imported and ops run locally.
+(the callable an op name resolves to), ``fetch``, ``memory_stats``, ``set_memory_fraction``, the
+memory meter and ``_host_state`` (an uploaded generator state as the generator takes it). Keep
+those seams stable. With ``world_size == 1`` nothing of spmd is imported and ops run locally.
 
 The backward on the worker (``moai::backward``, offload/remote_backward.py): a one-worker job's
 front names the parameters its forward ops read as ``LeafRef``s. Such an argument resolves, while
