@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random as _random
+import uuid
 
 import torch
 import torch.accelerator
@@ -60,6 +61,16 @@ class DeviceProperties:
     is_integrated: bool = False
     is_multi_gpu_board: bool = False
     warp_size: int = 32
+    # The rest of torch's fields, an H100 SXM's as the capability above is (libraries size
+    # kernels' tiles by the shared memory and read the rest into their environment reports).
+    max_threads_per_multi_processor: int = 2048
+    shared_memory_per_block: int = 48 << 10
+    shared_memory_per_multiprocessor: int = 228 << 10
+    L2_cache_size: int = 50 << 20
+    clock_rate: int = 1_980_000          # kHz
+    memory_clock_rate: int = 2_619_000   # kHz
+    memory_bus_width: int = 5120         # bits
+    uuid: str = ""   # stable for a device size: named after it
 
     def __repr__(self):
         return (f"_CudaDeviceProperties(name='{self.name}', major={self.major}, "
@@ -108,7 +119,9 @@ def get_device_name(device=None) -> str:
 
 def get_device_properties(device=None) -> DeviceProperties:
     _check_index(device)
-    return DeviceProperties(name=get_device_name(), total_memory=_session().total_memory())
+    name = get_device_name()
+    return DeviceProperties(name=name, total_memory=_session().total_memory(),
+                            uuid=f"GPU-{uuid.uuid5(uuid.NAMESPACE_URL, name)}")
 
 
 def get_device_capability(device=None) -> tuple[int, int]:

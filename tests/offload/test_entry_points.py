@@ -529,6 +529,12 @@ def test_accelerator_and_cuda_queries():
     assert torch.cuda.get_device_name(0) == torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
     assert props.total_memory > 0 and props.name == torch.cuda.get_device_name()
+    # torch 2.13's _CudaDeviceProperties (torch/_C/__init__.pyi; gcnArchName is ROCm's)
+    fields = ("name major minor multi_processor_count total_memory is_integrated is_multi_gpu_board "
+              "max_threads_per_multi_processor warp_size uuid L2_cache_size clock_rate memory_clock_rate "
+              "memory_bus_width shared_memory_per_block shared_memory_per_multiprocessor").split()
+    assert all(type(getattr(props, name)) in (int, str, bool) for name in fields)
+    assert props.uuid.startswith("GPU-") and props.uuid == torch.cuda.get_device_properties(0).uuid
     assert torch.cuda.is_bf16_supported()
     with pytest.raises(RuntimeError, match="invalid device ordinal"):
         torch.zeros(1, device="cuda:1")
