@@ -203,6 +203,45 @@ def mem_get_info(device=None) -> tuple[int, int]:
     return total - memory_allocated(device), total
 
 
+# --- telemetry (NVML's on a GPU: pynvml) ----------------------------------------------------------
+# The device's GPUs as moreh-smi shows them: utilization and memory utilization averaged over
+# them, the hottest one's temperature. Virtual GPUs report their worker's CPU time and memory,
+# and no temperature.
+def _sensor(device, name: str) -> list:
+    _check_index(device)
+    return [g[name] for g in _session().gpu_telemetry() if g.get(name) is not None]
+
+
+def _not_reported(what: str):
+    raise RuntimeError(f"torch.cuda.{what}: the GPUs of the virtual device cuda:0 do not report it "
+                       "(moreh-smi shows what they do)")
+
+
+def utilization(device=None) -> int:
+    values = _sensor(device, "util")
+    return round(sum(values) / len(values)) if values else 0
+
+
+def memory_usage(device=None) -> int:
+    values = _sensor(device, "mem_util")
+    return round(sum(values) / len(values)) if values else 0
+
+
+def temperature(device=None) -> int:
+    values = _sensor(device, "temp_c")
+    return max(values) if values else _not_reported("temperature")
+
+
+def power_draw(device=None) -> int:
+    _check_index(device)
+    _not_reported("power_draw")
+
+
+def clock_rate(device=None) -> int:
+    _check_index(device)
+    _not_reported("clock_rate")
+
+
 # The statistics of CUDA's caching allocator (torch.cuda.memory_stats documents them): byte
 # counts, counts of blocks, each for all pools, the large and the small one.
 _BYTE_STATS = ("allocated_bytes", "reserved_bytes", "active_bytes", "requested_bytes")
@@ -292,6 +331,8 @@ _FUNCTIONS = {
     "set_per_process_memory_fraction": set_per_process_memory_fraction,
     "get_per_process_memory_fraction": get_per_process_memory_fraction,
     "set_sync_debug_mode": sync_debug.set_mode, "get_sync_debug_mode": sync_debug.get_mode,
+    "utilization": utilization, "memory_usage": memory_usage, "temperature": temperature,
+    "power_draw": power_draw, "clock_rate": clock_rate,
 }
 _RANDOM = {
     "manual_seed": manual_seed, "manual_seed_all": manual_seed, "seed": seed, "seed_all": seed,

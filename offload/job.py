@@ -126,12 +126,24 @@ class Job:
                 time.sleep(0.2)
         return self.failure
 
-    def device_name(self) -> str:
-        """The size of the device the job runs on, as the menus name it (``Small.64GB``)."""
+    def _device_id(self) -> int | None:
         processes = self._call("list_processes", {})["processes"]
         mine = [p["device_id"] for p in processes if p["job_id"] == self.id]
+        return mine[0] if mine else None
+
+    def device_name(self) -> str:
+        """The size of the device the job runs on, as the menus name it (``Small.64GB``)."""
+        device_id = self._device_id()
         flavors = {d["id"]: d["flavor"] for d in self._call("list_devices", {})["devices"]}
-        return flavors.get(mine[0], "") if mine else ""
+        return flavors.get(device_id, "")
+
+    def gpu_telemetry(self) -> list[dict]:
+        """The latest telemetry of the device's GPUs, as moreh-smi shows it (``list_physical_gpus``:
+        ``util``, ``mem_util``, ``temp_c`` ..., None where a GPU has no such sensor)."""
+        device_id = self._device_id()
+        if device_id is None:
+            return []
+        return self._call("list_physical_gpus", {"device_id": device_id})["gpus"]
 
     def release(self):
         self._stop.set()

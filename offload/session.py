@@ -108,6 +108,12 @@ class Session:
     def total_memory(self) -> int:
         return self.stream.memory_cap
 
+    def gpu_telemetry(self) -> list[dict]:
+        if self.job is None:
+            raise RuntimeError("the GPUs' telemetry comes from the MoAI master, and this session's "
+                               "workers were started without one")
+        return self.job.gpu_telemetry()
+
     def device_size_name(self) -> str:
         """The device size's menu name; workers started without a master go by their memory."""
         name = self.job.device_name() if self.job is not None else ""
@@ -225,6 +231,10 @@ def set_memory_fraction(fraction: float):
 
 def total_memory() -> int:
     return current().total_memory()
+
+
+def gpu_telemetry() -> list[dict]:
+    return current().gpu_telemetry()
 
 
 def device_size_name() -> str:

@@ -16,6 +16,7 @@ def main():
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--direct", nargs=2, metavar=("ADDRESS", "SECRET"))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--telemetry", action="store_true", help="print torch.cuda's GPU telemetry at the end")
     args = parser.parse_args()
     if args.cpu:
         dev = torch.device("cpu")
@@ -41,6 +42,13 @@ def main():
         opt.step()
         step += 1
         print(f"step {step} loss {loss.item():.8f}", flush=True)
+    if args.telemetry:
+        print("utilization", torch.cuda.utilization(), torch.cuda.memory_usage(), flush=True)
+        for sensor in (torch.cuda.temperature, torch.cuda.power_draw):
+            try:
+                sensor()
+            except RuntimeError as e:
+                print("no sensor:", e, flush=True)
 
 
 if __name__ == "__main__":

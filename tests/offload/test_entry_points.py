@@ -535,6 +535,9 @@ def test_accelerator_and_cuda_queries():
               "memory_bus_width shared_memory_per_block shared_memory_per_multiprocessor").split()
     assert all(type(getattr(props, name)) in (int, str, bool) for name in fields)
     assert props.uuid.startswith("GPU-") and props.uuid == torch.cuda.get_device_properties(0).uuid
+    # Telemetry is the master's (test_offload_cluster.py); these workers were started without one.
+    with pytest.raises(RuntimeError, match="telemetry comes from the MoAI master"):
+        torch.cuda.utilization()
     assert torch.cuda.is_bf16_supported()
     with pytest.raises(RuntimeError, match="invalid device ordinal"):
         torch.zeros(1, device="cuda:1")

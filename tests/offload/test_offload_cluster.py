@@ -49,6 +49,19 @@ def test_training_matches_the_cpu_and_the_job_is_released(cluster):
                "the worker to stop after the job")
 
 
+def test_gpu_telemetry_reaches_the_program(cluster):
+    """``torch.cuda.utilization()`` and ``memory_usage()`` read the device's GPUs as moreh-smi
+    does; virtual GPUs have no temperature or power sensor, and say so."""
+    out = cluster.run(sys.executable, str(FRONT_PROGRAM), "--steps", "2", "--telemetry", cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    _, util, mem = next(line for line in lines if line.startswith("utilization")).split()
+    assert 0 <= int(util) <= 100 and 0 <= int(mem) <= 100
+    assert [line for line in lines if line.startswith("no sensor")] == [
+        f"no sensor: torch.cuda.{name}: the GPUs of the virtual device cuda:0 do not report it "
+        "(moreh-smi shows what they do)" for name in ("temperature", "power_draw")]
+
+
 def test_a_second_front_waits_in_the_queue_and_says_so_once(cluster):
     first = front(cluster, "--steps", "0")
     try:
