@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random as _random
+import warnings
 import uuid
 
 import torch
@@ -203,6 +204,26 @@ def mem_get_info(device=None) -> tuple[int, int]:
     return total - memory_allocated(device), total
 
 
+# --- memory snapshots (pytorch.org/memory_viz reads them) -----------------------------------------
+def _snapshot(device=None, augment_with_fx_traces=False) -> dict:
+    """The device's live allocations, each worker's as a device of its own (its rank): GPU workers'
+    allocators' segments, a CPU worker's storages. No history of allocations is kept."""
+    _check_index(device)
+    segments = _session().memory_snapshot()
+    devices = 1 + max((s["device"] for s in segments), default=0)
+    return {"segments": segments, "device_traces": [[] for _ in range(devices)]}
+
+
+def memory_snapshot(mempool_id=None, include_traces=True) -> list[dict]:
+    return _snapshot()["segments"]
+
+
+def _record_memory_history(enabled="all", *args, **kwargs):
+    if enabled:
+        warnings.warn("torch.cuda.memory._record_memory_history: the virtual device keeps no history of "
+                      "allocations; its snapshots show the live ones, without stack traces", stacklevel=2)
+
+
 # --- telemetry (NVML's on a GPU: pynvml) ----------------------------------------------------------
 # The device's GPUs as moreh-smi shows them: utilization and memory utilization averaged over
 # them, the hottest one's temperature. Virtual GPUs report their worker's CPU time and memory,
@@ -331,6 +352,7 @@ _FUNCTIONS = {
     "set_per_process_memory_fraction": set_per_process_memory_fraction,
     "get_per_process_memory_fraction": get_per_process_memory_fraction,
     "set_sync_debug_mode": sync_debug.set_mode, "get_sync_debug_mode": sync_debug.get_mode,
+    "memory_snapshot": memory_snapshot,
     "utilization": utilization, "memory_usage": memory_usage, "temperature": temperature,
     "power_draw": power_draw, "clock_rate": clock_rate,
 }
@@ -356,7 +378,7 @@ _ACCELERATOR = {
 _DIRECT_CUDA = ("_lazy_init", "cudart", "current_blas_handle", "current_solver_handle",
                 "caching_allocator_alloc", "caching_allocator_delete", "change_current_allocator",
                 "CUDAPluggableAllocator", "MemPool", "use_mem_pool", "can_device_access_peer",
-                "ipc_collect", "memory_snapshot", "list_gpu_processes")
+                "ipc_collect", "list_gpu_processes")
 
 
 def install():
@@ -368,6 +390,9 @@ def install():
     for name, value in _RANDOM.items():
         setattr(torch.cuda.random, name, value)
     torch.cuda.memory.memory_stats_as_nested_dict = memory_stats_as_nested_dict
+    # torch's own _dump_snapshot reads _snapshot in its module.
+    torch.cuda.memory._snapshot, torch.cuda.memory.memory_snapshot = _snapshot, memory_snapshot
+    torch.cuda.memory._record_memory_history = _record_memory_history
     torch._C._scatter, torch._C._gather = _scatter, _gather   # CUDA builds' comm primitives
     # DataParallel copies a host batch in a side stream it asks for by a device it names by index
     # (the accelerator's type, ``moai`` here, which its check wants to be ``cuda``); uploads keep

@@ -99,6 +99,11 @@ class Session:
         replies = self.stream.request("memory_stats", {})
         return {key: sum(int(r[key]) for r in replies) for key in ("allocated", "peak", "cap")}
 
+    def memory_snapshot(self) -> list[dict]:
+        """The workers' live allocations as CUDA's snapshot segments, each its rank's as ``device``."""
+        replies = self.stream.request("memory_snapshot", {})
+        return [{**segment, "device": rank} for rank, reply in enumerate(replies) for segment in reply["segments"]]
+
     def reset_peak(self):
         self.stream.request("reset_peak", {})
 
@@ -218,6 +223,10 @@ def memory_stats() -> dict:
     if _session is None:
         return {"allocated": 0, "peak": 0, "cap": 0}
     return _session.memory_stats()
+
+
+def memory_snapshot() -> list[dict]:
+    return [] if _session is None else _session.memory_snapshot()
 
 
 def reset_peak():

@@ -109,6 +109,10 @@ class MemoryMeter:
         else:
             entry[1] += 1
 
+    def storages(self) -> list[tuple[int, list]]:
+        """(address, [nbytes, tensors referencing it]) of each storage counted."""
+        return list(self._storages.items())
+
     def remove(self, t: torch.Tensor):
         key = t.untyped_storage().data_ptr()
         entry = self._storages.get(key)
@@ -157,6 +161,7 @@ class Executor:
             "free": self._streamed(self.free),
             "sync": self.sync,
             "memory_stats": self.memory_stats,
+            "memory_snapshot": self.memory_snapshot,
             "reset_peak": self.reset_peak,
             "set_memory_fraction": self.set_memory_fraction,
         }
@@ -529,6 +534,20 @@ class Executor:
 
     def memory_stats(self, msg):
         return self._memory()
+
+    def memory_snapshot(self, msg):
+        """The live allocations in the layout of CUDA's snapshots (``torch.cuda.memory._snapshot``'s
+        segments): a GPU's allocator's own; on a CPU, each storage of the table a segment of one
+        block."""
+        if self.on_gpu:
+            return {"segments": torch.cuda.memory._snapshot()["segments"]}
+        return {"segments": [
+            {"device": 0, "address": address, "total_size": nbytes, "allocated_size": nbytes,
+             "active_size": nbytes, "requested_size": nbytes, "stream": 0, "segment_type": "large",
+             "segment_pool_id": (0, 0), "is_expandable": False, "frames": [],
+             "blocks": [{"address": address, "size": nbytes, "requested_size": nbytes,
+                         "state": "active_allocated", "frames": []}]}
+            for address, (nbytes, _) in self.meter.storages()]}
 
     def set_memory_fraction(self, msg):
         """``torch.cuda.set_per_process_memory_fraction``: the cap becomes this fraction of the

@@ -1272,6 +1272,32 @@ def test_moving_a_model_keeps_tied_parameters_tied(move):
     same(remote.embed.weight.grad.float(), model.embed.weight.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_memory_snapshots_show_the_device_s_live_allocations(tmp_path):
+    """``torch.cuda.memory._snapshot()`` / ``_dump_snapshot`` (for pytorch.org/memory_viz) and
+    ``memory_snapshot()``: the workers' live allocations in CUDA's layout; recording a history
+    warns that none is kept."""
+    import pickle
+
+    gc.collect()
+    torch.cuda.synchronize()
+    with pytest.warns(UserWarning, match="keeps no history of allocations"):
+        torch.cuda.memory._record_memory_history(max_entries=1000)
+    before = {s["address"] for s in torch.cuda.memory_snapshot()}
+    big = torch.zeros(3, 1000, device="cuda")
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    assert snapshot["device_traces"] == [[]]
+    new = [s for s in snapshot["segments"] if s["address"] not in before]
+    assert [(s["total_size"], s["device"], [b["state"] for b in s["blocks"]]) for s in new] == [
+        (12000, 0, ["active_allocated"])]
+    assert sum(s["total_size"] for s in snapshot["segments"]) == torch.cuda.memory_allocated()
+    torch.cuda.memory._dump_snapshot(str(tmp_path / "snapshot.pickle"))
+    dumped = pickle.loads((tmp_path / "snapshot.pickle").read_bytes())
+    assert {s["address"] for s in dumped["segments"]} == {s["address"] for s in snapshot["segments"]}
+    torch.cuda.memory._record_memory_history(enabled=None)
+    del big
+
+
 def test_sync_debug_mode_reports_the_waits_the_program_did_not_ask_for():
     """``torch.cuda.set_sync_debug_mode("warn")`` finds the hidden syncs of a loop (``.item()``, a
     copy to the host, a data-dependent shape); ops that stream and an explicit synchronize pass."""
