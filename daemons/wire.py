@@ -329,11 +329,11 @@ def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
     with warnings.catch_warnings():
         # The tensor aliases the received zmq frame, which nothing else reuses: writing is safe.
         warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(buf, dtype=torch.uint8)
-    if dtype.is_complex:
-        real_dtype = torch.empty((), dtype=dtype).real.dtype
-        return torch.view_as_complex(raw.view(real_dtype).reshape(*shape, 2))
-    return raw.view(dtype).reshape(shape)
+        flat = torch.frombuffer(buf, dtype=dtype)
+    # A tensor of its own over the frame's storage, not a view of ``flat``: autograd refuses an
+    # in-place op in grad mode on a view made without it (a worker stores uploads as they come,
+    # and a model moved under no_grad then got ``param.data += delta`` refused there).
+    return torch.empty(0, dtype=dtype).set_(flat.untyped_storage(), 0, shape)
 
 
 def encode(msg_type: str, body: Any = None, *, msg_id: int = 0, token: str | None = None) -> list:
