@@ -197,7 +197,11 @@ class RemoteTensor(torch.Tensor):
         # Module._apply does through ``.data``) leaves a half parameter naming the float tensor.
         _TENSOR_DATA.__set__(self, new)
         if isinstance(new, RemoteTensor):
-            self._meta, self._handle, self._desc = new._meta, new._handle, None
+            self._meta, self._desc = new._meta, None
+            # ``p.data += x`` sets back the same remote tensor, written in place: a parameter named
+            # as a leaf (offload/remote_backward.py) stays one.
+            if new._handle.id != self._handle.id:
+                self._handle = new._handle
 
     data = property(_TENSOR_DATA.__get__, _set_data)
 

@@ -230,6 +230,21 @@ def test_parameters_written_through_data_or_frozen_keep_the_cpu_numbers(records)
     assert records.count(BACKWARD) == 4
 
 
+def test_a_parameter_data_updated_from_other_parameters_keeps_the_cpu_numbers(records):
+    """``w.data += b @ a`` with parameters ``a``, ``b`` in grad mode (PEFT's LoRA merge): the
+    worker's tensors of an upload are no views, so the in-place update of one made under
+    ``no_grad`` (the model's move) is allowed, as natively."""
+    def between(model, step):
+        model[0].weight.data += model[3].weight.t() @ model[3].weight[:, :6] * 1e-3
+
+    local, remote = pair()
+    expected = train(local, 4, between)
+    got = train(remote, 4, between)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
+    same_parameters(remote, local)
+    assert records.count(BACKWARD) == 3
+
+
 def test_a_parameter_outside_the_graph_gets_no_gradient(records):
     local, remote = pair()
     for model in (local, remote):
