@@ -8,7 +8,7 @@ and opens no socket.
 from __future__ import annotations
 
 from offload import (autocast, cuda_facade, device, device_mapping, dispatch, distributed, eager_compile,
-                     remote_backward, serialization, torch_settings)
+                     optimizer_params, remote_backward, serialization, torch_settings)
 
 _active = False
 
@@ -25,6 +25,7 @@ def activate():
     autocast.install()
     serialization.install()
     dispatch.install_upload_hints()
+    optimizer_params.install()
     remote_backward.install()
     eager_compile.install()
     torch_settings.install()

@@ -21,7 +21,7 @@ import torch
 
 from daemons.wire import RemoteRef
 from daemons.worker import conv_layout
-from offload import generators
+from offload import generators, optimizer_params
 from offload import session as sessions
 from offload import sync_debug
 from offload.device import DEVICE
@@ -504,8 +504,9 @@ def upload_hint(src: torch.Tensor) -> str:
 
 
 def install_upload_hints():
-    """Wrap ``Module._apply`` so that uploads made by it are told apart from batches, and so that
-    parameters shared by several modules (tied embeddings) stay one parameter on the device."""
+    """Wrap ``Module._apply`` so that uploads made by it are told apart from batches, that
+    parameters shared by several modules (tied embeddings) stay one parameter on the device, and
+    that optimizers made before the move train the moved parameters (offload/optimizer_params.py)."""
     original = torch.nn.Module._apply
     if getattr(original, "_moai_marks_uploads", False):
         return
@@ -517,9 +518,14 @@ def install_upload_hints():
         try:
             if outer:
                 return original(self, *args, **kwargs)
+            places = [(m, name, p) for m in self.modules() for name, p in m._parameters.items()
+                      if p is not None]
             shared = _shared_parameters(self)
             result = original(self, *args, **kwargs)
             _tie_again(shared)
+            moved = {id(p): new for m, name, p in places
+                     if (new := m._parameters.get(name)) is not p and new is not None}
+            optimizer_params.repoint(moved)
             return result
         finally:
             _moving_module.active = outer

@@ -1386,6 +1386,34 @@ def test_legacy_cuda_tensor_types():
         torch.set_default_dtype(dtype)
 
 
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
+                                  lambda ps: torch.optim.AdamW(ps, lr=0.05)], ids=["sgd", "adamw"])
+def test_an_optimizer_made_before_the_move_trains_the_moved_model(make):
+    """``opt = SGD(model.parameters()); model.cuda()``: CUDA's move keeps the parameter objects, so
+    that optimizer trains the model; here the move makes new ones and the optimizer follows them
+    (it trained nothing before: it updated the host copies)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10)})
+    model.head.weight = model.embed.weight
+    runs = []
+    for m, device in ((copy.deepcopy(model), "cpu"), (model, "cuda")):
+        opt = make(m.parameters())
+        m.to(device)
+        tokens = torch.tensor([1, 2, 3]).to(device)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = m.head(m.embed(tokens)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs.append(losses)
+    assert runs[0][0] != runs[0][2]
+    torch.testing.assert_close(runs[1], runs[0], **FP32)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    assert len(params) == 2 and all(p.is_cuda for p in params) and params[0] is model.embed.weight
+
+
 def test_equal_allclose_and_nvtx():
     a = torch.tensor([1.0, 2.0, 3.0])
     ra = a.cuda()
