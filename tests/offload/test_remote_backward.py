@@ -212,6 +212,15 @@ def test_retain_grad_of_an_inner_tensor_is_served(records):
     assert records.count(BACKWARD) == 0
 
 
+def trains_as_on_the_cpu(steps, between):
+    """The MLP trained with ``between`` after each backward: the same losses and parameters."""
+    local, remote = pair()
+    expected = train(local, steps, between)
+    got = train(remote, steps, between)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
+    same_parameters(remote, local)
+
+
 def test_parameters_written_through_data_or_frozen_keep_the_cpu_numbers(records):
     """The worker's leaves refuse in-place writes in grad mode that the front's autograd allows:
     through ``.data``, and on a parameter frozen after it was named a leaf."""
@@ -222,11 +231,7 @@ def test_parameters_written_through_data_or_frozen_keep_the_cpu_numbers(records)
             model[0].weight.requires_grad_(False)
         model[0].weight.mul_(0.99) if step >= 2 else None
 
-    local, remote = pair()
-    expected = train(local, 5, between)
-    got = train(remote, 5, between)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
-    same_parameters(remote, local)
+    trains_as_on_the_cpu(5, between)
     assert records.count(BACKWARD) == 4
 
 
@@ -237,11 +242,7 @@ def test_a_parameter_data_updated_from_other_parameters_keeps_the_cpu_numbers(re
     def between(model, step):
         model[0].weight.data += model[3].weight.t() @ model[3].weight[:, :6] * 1e-3
 
-    local, remote = pair()
-    expected = train(local, 4, between)
-    got = train(remote, 4, between)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **FP32)
-    same_parameters(remote, local)
+    trains_as_on_the_cpu(4, between)
     assert records.count(BACKWARD) == 3
 
 
