@@ -534,6 +534,7 @@ class Server:
 
 # As plain ints: zmq's are enum flags, whose ``&`` costs a Python call in the polling loops.
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_receive_timeouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # socket -> ms set
 
 
 def recv_within(sock: zmq.Socket, timeout_s: float) -> list | None:
@@ -550,9 +551,6 @@ def recv_within(sock: zmq.Socket, timeout_s: float) -> list | None:
         return sock.recv_multipart(copy=False)
     except zmq.Again:
         return None
-
-
-_receive_timeouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def recv_polling(sock: zmq.Socket, spin_s: float) -> list | None:

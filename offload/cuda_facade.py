@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random as _random
-import warnings
 import uuid
+import warnings
 
 import torch
 import torch.accelerator
@@ -238,14 +238,17 @@ def _not_reported(what: str):
                        "(moreh-smi shows what they do)")
 
 
-def utilization(device=None) -> int:
-    values = _sensor(device, "util")
+def _mean(device, name: str) -> int:
+    values = _sensor(device, name)
     return round(sum(values) / len(values)) if values else 0
+
+
+def utilization(device=None) -> int:
+    return _mean(device, "util")
 
 
 def memory_usage(device=None) -> int:
-    values = _sensor(device, "mem_util")
-    return round(sum(values) / len(values)) if values else 0
+    return _mean(device, "mem_util")
 
 
 def temperature(device=None) -> int:

@@ -141,8 +141,7 @@ class Dispatcher:
         if not returns or any(str(r.type) != "Tensor" for r in returns):
             raise NotImplementedError(f"{func} cannot run on the virtual cuda:0 device "
                                       "(no shape rule and its results are not plain tensors)")
-        if sync_debug.mode:
-            sync_debug.check()
+        sync_debug.check()
         session = sessions.current()
         ids = [session.new_id() for _ in returns]
         session.enqueue(self.op_name(func), wire_args, wire_kwargs, ids[0] if len(ids) == 1 else ids)
@@ -465,8 +464,7 @@ def to_copy(func, args, kwargs):
     target = _target_device(kwargs)
     src = args[0]
     if target is not None and target.type == "cpu" and isinstance(src, RemoteTensor):
-        if sync_debug.mode:
-            sync_debug.check()
+        sync_debug.check()
         host = sessions.current().fetch(src._handle.id)
         dtype = kwargs.get("dtype")
         return host if dtype is None or dtype == host.dtype else host.to(dtype)
@@ -482,8 +480,7 @@ def copy_(func, args, kwargs):
     if isinstance(dst, RemoteTensor):
         upload(dst, src, non_blocking)
         return dst
-    if sync_debug.mode:
-        sync_debug.check()
+    sync_debug.check()
     dst.copy_(sessions.current().fetch(src._handle.id))
     return dst
 
@@ -600,8 +597,7 @@ def detach_(func, args, kwargs):
 
 @DISPATCHER.rule(aten._local_scalar_dense.default)
 def local_scalar_dense(func, args, kwargs):
-    if sync_debug.mode:
-        sync_debug.check()
+    sync_debug.check()
     return sessions.current().item(args[0]._handle.id)
 
 

@@ -102,7 +102,8 @@ class Session:
     def memory_snapshot(self) -> list[dict]:
         """The workers' live allocations as CUDA's snapshot segments, each its rank's as ``device``."""
         replies = self.stream.request("memory_snapshot", {})
-        return [{**segment, "device": rank} for rank, reply in enumerate(replies) for segment in reply["segments"]]
+        return [{**segment, "device": rank} for rank, reply in enumerate(replies)
+                for segment in reply["segments"]]
 
     def reset_peak(self):
         self.stream.request("reset_peak", {})

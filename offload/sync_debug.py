@@ -29,6 +29,8 @@ def get_mode() -> int:
 
 def check() -> None:
     """At a wait the program did not ask for: CUDA's warning or error, as the mode says."""
+    if mode == 0:
+        return
     if mode == 1:
         warnings.warn(MESSAGE, stacklevel=3)
     elif mode == 2:
