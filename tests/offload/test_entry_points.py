@@ -275,6 +275,22 @@ DDP_PROGRAM = textwrap.dedent("""\
     objects = [None]
     dist.all_gather_object(objects, {"rank": dist.get_rank()})
     print("gathered", parts[0].tolist(), whole.tolist(), t.tolist(), objects, dist.get_world_size(), flush=True)
+    # Every other collective of one process, as gloo on the CPU does it.
+    new = lambda: torch.zeros(4, device=device)
+    out, rows, same = new(), [new()], t.clone()
+    collectives = {
+        "reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(out, t * 3) or out,
+        "reduce_scatter": lambda: dist.reduce_scatter(out, [t * 5]) or out,
+        "scatter": lambda: dist.scatter(out, [t + 1], src=0) or out,
+        "gather": lambda: dist.gather(t + 2, rows, dst=0) or rows[0],
+        "all_to_all_single": lambda: dist.all_to_all_single(out, t + 4) or out,
+        "all_to_all": lambda: dist.all_to_all(rows, [t + 6]) or rows[0],
+        "reduce": lambda: dist.reduce(same, dst=0) or same,
+        "all_gather_coalesced": lambda: dist.all_gather_coalesced([rows], [t + 7]) or rows[0],
+        "all_reduce_coalesced": lambda: dist.all_reduce_coalesced([same]) or same,
+    }
+    for name, run in collectives.items():
+        print("collective", name, run().tolist(), flush=True)
     dist.destroy_process_group()
 """)
 
@@ -302,6 +318,9 @@ def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_pa
     torch.testing.assert_close(losses, ref, **FP32)
     gathered = [line for line in out.stdout.splitlines() if line.startswith("gathered")]
     assert gathered == ["gathered [0.0, 1.0, 2.0, 3.0] [0.0, 2.0, 4.0, 6.0] [0.0, 1.0, 2.0, 3.0] [{'rank': 0}] 1"]
+    collectives = [line for line in out.stdout.splitlines() if line.startswith("collective")]
+    assert len(collectives) == 9
+    assert collectives == [line for line in native.stdout.splitlines() if line.startswith("collective")]
 
 
 EXIT_PROGRAM = textwrap.dedent("""\
