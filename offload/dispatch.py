@@ -517,7 +517,7 @@ def install_upload_hints():
                 return original(self, *args, **kwargs)
             places = [(m, name, p) for m in self.modules() for name, p in m._parameters.items()
                       if p is not None]
-            shared = _shared_parameters(self)
+            shared = _shared_parameters(places)
             result = original(self, *args, **kwargs)
             _tie_again(shared)
             moved = {id(p): new for m, name, p in places
@@ -531,14 +531,13 @@ def install_upload_hints():
     torch.nn.Module._apply = _apply
 
 
-def _shared_parameters(module: torch.nn.Module) -> list[list[tuple]]:
-    """The (module, name) places of each parameter that more than one place holds."""
-    places: dict[int, list[tuple]] = {}
-    for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                places.setdefault(id(p), []).append((m, name))
-    return [group for group in places.values() if len(group) > 1]
+def _shared_parameters(places: list[tuple]) -> list[list[tuple]]:
+    """The (module, name) places of each parameter that more than one of ``places`` (module,
+    name, parameter) holds."""
+    by_parameter: dict[int, list[tuple]] = {}
+    for m, name, p in places:
+        by_parameter.setdefault(id(p), []).append((m, name))
+    return [group for group in by_parameter.values() if len(group) > 1]
 
 
 def _tie_again(shared: list[list[tuple]]):
