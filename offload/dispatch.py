@@ -21,7 +21,7 @@ import torch
 
 from daemons.wire import RemoteRef
 from daemons.worker import conv_layout
-from offload import generators, optimizer_params
+from offload import generators, parameter_swap
 from offload import session as sessions
 from offload import sync_debug
 from offload.device import DEVICE
@@ -501,9 +501,8 @@ def upload_hint(src: torch.Tensor) -> str:
 
 
 def install_upload_hints():
-    """Wrap ``Module._apply`` so that uploads made by it are told apart from batches, that
-    parameters shared by several modules (tied embeddings) stay one parameter on the device, and
-    that optimizers made before the move train the moved parameters (offload/optimizer_params.py)."""
+    """Wrap ``Module._apply`` so that uploads made by it are told apart from batches, and that a
+    move keeps the module's parameter objects, shared ones shared (offload/parameter_swap.py)."""
     original = torch.nn.Module._apply
     if getattr(original, "_moai_marks_uploads", False):
         return
@@ -517,37 +516,14 @@ def install_upload_hints():
                 return original(self, *args, **kwargs)
             places = [(m, name, p) for m in self.modules() for name, p in m._parameters.items()
                       if p is not None]
-            shared = _shared_parameters(places)
             result = original(self, *args, **kwargs)
-            _tie_again(shared)
-            moved = {id(p): new for m, name, p in places
-                     if (new := m._parameters.get(name)) is not p and new is not None}
-            optimizer_params.repoint(moved)
+            parameter_swap.keep_identities(places)
             return result
         finally:
             _moving_module.active = outer
 
     _apply._moai_marks_uploads = True
     torch.nn.Module._apply = _apply
-
-
-def _shared_parameters(places: list[tuple]) -> list[list[tuple]]:
-    """The (module, name) places of each parameter that more than one of ``places`` (module,
-    name, parameter) holds."""
-    by_parameter: dict[int, list[tuple]] = {}
-    for m, name, p in places:
-        by_parameter.setdefault(id(p), []).append((m, name))
-    return [group for group in by_parameter.values() if len(group) > 1]
-
-
-def _tie_again(shared: list[list[tuple]]):
-    """Native ``model.cuda()`` keeps a shared parameter shared: it swaps the parameter's data in
-    place. A CPU tensor's data cannot become a device tensor's, so ``Module._apply`` made a new
-    parameter in each module: the first one made serves them all again."""
-    for (first, first_name), *others in shared:
-        p = first._parameters[first_name]
-        for m, name in others:
-            m._parameters[name] = p
 
 
 def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):

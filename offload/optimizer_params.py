@@ -1,11 +1,11 @@
 """Optimizers made before ``model.to("cuda")`` train the model that moved.
 
 On CUDA, moving a module keeps its ``Parameter`` objects and swaps their data in place, so an
-optimizer made before ``model.cuda()`` (a common order) holds the parameters that train. A host
-tensor's data cannot become a virtual device tensor's: the move makes new parameters
-(offload/dispatch.py, ``install_upload_hints``), and such an optimizer would go on updating the
-host tensors while the device's never changed, silently. So every optimizer is remembered when
-it is made, and a move points its parameter groups, and any state it holds, at the new ones.
+optimizer made before ``model.cuda()`` (a common order) holds the parameters that train. Here
+the move keeps them too (offload/parameter_swap.py), except where torch refuses the swap: the
+move then makes a new parameter, and such an optimizer would go on updating the host tensor
+while the device's never changed, silently. So every optimizer is remembered when it is made,
+and a move points its parameter groups, and any state it holds, at the new parameters.
 """
 from __future__ import annotations
 

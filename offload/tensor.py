@@ -22,6 +22,7 @@ VISIBLE_DEVICE = torch.device("cuda", 0)
 _TENSOR_DATA = torch._C.TensorBase.data  # the C ``Tensor.data`` descriptor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 _SUFFIX_SEPARATOR = re.compile(r", (?=[a-z_]+=)")  # between torch's repr suffixes: ", dtype=..."
+OWN_ATTRIBUTES = frozenset({"_meta", "_handle", "_desc"})   # a RemoteTensor's, in its __dict__
 
 
 class Handle:
@@ -161,8 +162,8 @@ class RemoteTensor(torch.Tensor):
             return new   # nn.Parameter's deepcopy: no gradient, no attributes
         if self.grad is not None:
             new.grad = copy.deepcopy(self.grad, memo)
-        own = ("_meta", "_handle", "_desc")
-        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in own}, memo))
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in OWN_ATTRIBUTES},
+                                          memo))
         return new
 
     def detach_(self):

@@ -1407,30 +1407,64 @@ def test_legacy_cuda_tensor_types():
 
 @pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
                                   lambda ps: torch.optim.AdamW(ps, lr=0.05)], ids=["sgd", "adamw"])
-def test_an_optimizer_made_before_the_move_trains_the_moved_model(make):
-    """``opt = SGD(model.parameters()); model.cuda()``: CUDA's move keeps the parameter objects, so
-    that optimizer trains the model; here the move makes new ones and the optimizer follows them
-    (it trained nothing before: it updated the host copies)."""
+def test_moving_a_model_keeps_its_parameter_objects(make):
+    """CUDA's move swaps the parameters' data in place, so what a program took before
+    ``model.cuda()`` names the moved parameters: an optimizer, a list kept for
+    ``clip_grad_norm_``, hooks, attributes. Before, the move made new parameters: such a list
+    clipped the host copies (a norm of 0, nothing clipped) and the hooks never ran."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10)})
     model.head.weight = model.embed.weight
     runs = []
     for m, device in ((copy.deepcopy(model), "cpu"), (model, "cuda")):
         opt = make(m.parameters())
+        kept = list(m.parameters())
+        seen = []
+        kept[0].register_hook(lambda g: g * 0.5)
+        kept[1].register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.shape))
+        kept[1].no_decay = True
         m.to(device)
+        assert [p is q for p, q in zip(kept, m.parameters())] == [True, True] and m.head.weight is kept[0]
+        assert all(p.device.type == device for p in kept) and kept[1].no_decay
         tokens = torch.tensor([1, 2, 3]).to(device)
         losses = []
         for _ in range(3):
             opt.zero_grad()
             loss = m.head(m.embed(tokens)).pow(2).mean()
             loss.backward()
+            losses.append(torch.nn.utils.clip_grad_norm_(kept, 0.05).item())
             opt.step()
             losses.append(loss.item())
-        runs.append(losses)
-    assert runs[0][0] != runs[0][2]
+        m.cpu()
+        assert kept[0] is m.embed.weight and kept[0].device.type == "cpu" and kept[1].no_decay
+        runs.append((losses, seen, kept[0].detach().clone()))
+    assert runs[0][0][1] != runs[0][0][5] and runs[0][1] == [(10,)] * 3
     torch.testing.assert_close(runs[1], runs[0], **FP32)
-    params = [p for group in opt.param_groups for p in group["params"]]
-    assert len(params) == 2 and all(p.is_cuda for p in params) and params[0] is model.embed.weight
+
+
+def test_a_parameter_that_cannot_be_swapped_is_replaced_and_its_optimizer_follows():
+    """Where torch refuses to swap a parameter (a weak reference to it), the move makes a new one,
+    as it did before, and an optimizer made before the move is pointed at it."""
+    import weakref
+
+    torch.manual_seed(0)
+    local = nn.Linear(4, 2)
+    remote = copy.deepcopy(local)
+    runs = []
+    for m, device in ((local, "cpu"), (remote, "cuda")):
+        opt = torch.optim.AdamW(m.parameters(), lr=0.05)
+        old = m.weight
+        watcher = weakref.ref(old)
+        m.to(device)
+        assert (m.weight is old) == (device == "cpu") and watcher() is old
+        x = torch.ones(3, 4).to(device)
+        for _ in range(2):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+        assert opt.param_groups[0]["params"][0] is m.weight
+        runs.append(m.weight.detach().cpu())
+    torch.testing.assert_close(runs[1], runs[0], **FP32)
 
 
 def test_equal_allclose_and_nvtx():
