@@ -402,7 +402,7 @@ def install():
     # their order in the one op stream anyway.
     torch.nn.parallel._functions._get_stream = lambda device: None
     for name in _DIRECT_CUDA:
-        setattr(torch.cuda, name, unsupported.refusing(f"torch.cuda.{name}"))
+        setattr(torch.cuda, name, unsupported.refusing(f"torch.cuda.{name}", getattr(torch.cuda, name)))
     for name, value in _ACCELERATOR.items():
         setattr(torch.accelerator, name, value)
     torch.Tensor.record_stream = lambda self, stream: None

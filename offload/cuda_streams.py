@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import time
 
+import torch
+
 from offload.unsupported import not_supported, refusing
 
 
@@ -130,13 +132,15 @@ class StreamContext(contextlib.AbstractContextManager):
         return None
 
 
-external_stream = refusing("torch.cuda.ExternalStream")
-cuda_graph = refusing("CUDA graphs (torch.cuda.graph / CUDAGraph / make_graphed_callables)")
+_GRAPHS = "CUDA graphs (torch.cuda.graph / CUDAGraph / make_graphed_callables)"
+cuda_graph = refusing(_GRAPHS)
 
 PATCHES = {
     "Stream": Stream, "Event": Event, "current_stream": current_stream,
     "default_stream": default_stream, "set_stream": set_stream, "stream": stream,
-    "StreamContext": StreamContext, "ExternalStream": external_stream,
-    "get_stream_from_external": external_stream, "graph": cuda_graph, "CUDAGraph": cuda_graph,
+    "StreamContext": StreamContext,
+    "ExternalStream": refusing("torch.cuda.ExternalStream", torch.cuda.streams.ExternalStream),
+    "get_stream_from_external": refusing("torch.cuda.get_stream_from_external"),
+    "graph": refusing(_GRAPHS, torch.cuda.graphs.graph), "CUDAGraph": refusing(_GRAPHS, torch.cuda.graphs.CUDAGraph),
     "make_graphed_callables": cuda_graph, "graph_pool_handle": cuda_graph,
 }

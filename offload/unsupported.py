@@ -42,9 +42,15 @@ def _refuse_cuda_sources(original, api):
     return build
 
 
-def refusing(api):
+def refusing(api, stands_for=None):
+    """A callable that fails with ``not_supported(api)``. In place of a class (``stands_for``), a
+    class of its name that fails only when made: type annotations evaluated at import
+    (``torch.cuda.CUDAGraph | None`` in transformers), isinstance checks and subclasses work."""
     def refuse(*args, **kwargs):
         raise not_supported(api)
+    if isinstance(stands_for, type):
+        return type(stands_for.__name__, (), {"__new__": refuse, "__module__": stands_for.__module__,
+                                              "__qualname__": stands_for.__qualname__})
     return refuse
 
 

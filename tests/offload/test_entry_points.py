@@ -1510,3 +1510,11 @@ def test_unsupported_stream_semantics_fail_clearly():
     for call, api in checks:  # each raises at once (the module's timeout catches a hang)
         with pytest.raises(DirectCudaError, match=api):
             call()
+    # Still classes where torch has classes: libraries annotate with them at import time
+    # (transformers: ``-> torch.cuda.CUDAGraph | None``) and subclass them; only making one fails.
+    for cls in (torch.cuda.CUDAGraph, torch.cuda.graph, torch.cuda.ExternalStream, torch.cuda.MemPool,
+                torch.cuda.CUDAPluggableAllocator):
+        assert isinstance(cls, type) and (cls | None) is not None and not isinstance(torch.zeros(1), cls)
+        subclass = type("Mine", (cls,), {})
+        with pytest.raises(DirectCudaError):
+            subclass()
