@@ -109,8 +109,12 @@ class device(contextlib.ContextDecorator):
         return False
 
 
-def device_of(obj):
-    return device(0)
+class device_of(device):
+    """``with torch.cuda.device_of(tensor):`` — the tensor's device, the only one (none for a host
+    tensor, as torch's ``-1``)."""
+
+    def __init__(self, obj):
+        self.idx = 0 if obj.is_cuda else -1
 
 
 def get_device_name(device=None) -> str:

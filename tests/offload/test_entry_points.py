@@ -544,6 +544,9 @@ def test_accelerator_and_cuda_queries():
     assert torch.cuda.is_available() and torch.cuda.device_count() == 1
     assert torch.cuda.current_device() == 0
     torch.cuda.set_device(0)
+    with torch.cuda.device(0), torch.cuda.device_of(torch.zeros(1, device="cuda")) as here:
+        assert here.idx == 0 and torch.cuda.device_of(torch.zeros(1)).idx == -1
+    assert issubclass(torch.cuda.device_of, torch.cuda.device)   # classes, as in torch
     assert torch.cuda.get_device_name().startswith("MoAI Accelerator")
     assert torch.cuda.get_device_name(0) == torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
