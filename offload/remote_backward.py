@@ -19,8 +19,8 @@ the front as before, with the same results:
 - the graph: no custom ``autograd.Function`` (but the virtual device's own linear), no hook on a
   leaf, none on an inner tensor or a module (``register_hook``, ``retain_grad``, module backward
   hooks: seen when registered), no saved-tensor hooks ever entered (checkpointing), no
-  ``DistributedDataParallel`` ever made (its reducer hooks the leaves in C++); every leaf a
-  device tensor whose forward ops named it as a leaf.
+  parameter of a ``DistributedDataParallel`` (its reducer hooks them in C++); every leaf a device
+  tensor whose forward ops named it as a leaf.
 
 A parameter's first backward is traced on the front and marks it a leaf (``LeafHandle``); the
 backwards of graphs recorded after that run on the worker. A backward that must be traced unmarks
@@ -49,6 +49,7 @@ _saved_names: dict[type, tuple[str, ...]] = {}        # node type -> its saved t
 _graph_hooks_seen = False
 _traced: weakref.WeakSet = weakref.WeakSet()   # handles of leaves whose backwards stay traced
 _DONE = "moai_backward_ran"   # in the root node's metadata once the worker ran its backward
+_HOOKED_IN_CPP = "_moai_hooked_in_cpp"   # set in the __dict__ of DistributedDataParallel's parameters
 _META = torch.device("meta")
 _empty_strided = torch._C._VariableFunctions.empty_strided   # no Python reference kernel
 
@@ -75,8 +76,7 @@ def install():
     _note_when_called(torch.nn.Module, "register_backward_hook")   # it hooks grad_fn: never seen
     # Checkpointing, offloading to the host: the worker's graph would keep what they drop.
     _note_when_called(torch.autograd.graph.saved_tensors_hooks, "__enter__")
-    # DistributedDataParallel's reducer hooks the parameters' gradient accumulators (in C++).
-    _note_when_called(torch.nn.parallel.DistributedDataParallel, "__init__")
+    _note_ddp_parameters(torch.nn.parallel.DistributedDataParallel)
 
 
 def _note_graph_hook():
@@ -96,6 +96,21 @@ def _note_when_called(cls, name: str, applies=lambda obj: True):
         return original(self, *args, **kwargs)
 
     setattr(cls, name, noted)
+
+
+def _note_ddp_parameters(ddp: type):
+    """DistributedDataParallel's reducer hooks its parameters' gradient accumulators in C++, where
+    the graph walk cannot see them: those parameters are noted so, and a graph with any of them is
+    traced; other models of the process still run their backwards on the worker."""
+    original = ddp.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for p in self.module.parameters():
+            p.__dict__[_HOOKED_IN_CPP] = True
+
+    ddp.__init__ = __init__
 
 
 def _run_on_worker(tensors, plain: bool) -> bool:
@@ -181,7 +196,8 @@ def _walk(root) -> tuple[list, list, bool]:
             elif id(leaf) not in leaf_ids:
                 leaf_ids.add(id(leaf))
                 leaves.append(leaf)
-                if leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None):
+                if (leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None)
+                        or _HOOKED_IN_CPP in leaf.__dict__):
                     reproducible = False
             continue
         if isinstance(node, BackwardCFunction) and kind not in _OWN_FUNCTIONS:

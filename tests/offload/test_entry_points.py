@@ -265,6 +265,11 @@ DDP_PROGRAM = textwrap.dedent("""\
         opt.step()
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         print("loss", repr(loss.item()), flush=True)
+    probe = nn.Linear(6, 3).to(device)   # a model of its own beside DDP's
+    for _ in range(2):
+        probe(x).sum().backward()
+    if device == "cuda":   # whose backwards the worker runs (offload/remote_backward.py): DDP's stay traced
+        print("leaves", type(model[0].weight._handle).__name__, type(probe.weight._handle).__name__, flush=True)
     t = torch.arange(4.0, device=device)
     parts = [torch.zeros(4, device=device)]
     dist.all_gather(parts, t)
@@ -297,8 +302,9 @@ DDP_PROGRAM = textwrap.dedent("""\
 
 def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_path):
     """``dist.init_process_group("nccl")`` and ``DistributedDataParallel`` in a one-process run:
-    the collectives of one process, DDP's bucketed gradients through its communication hook (so the
-    backward is traced: the reducer's hooks are torch's C++), the same losses as DDP on the CPU."""
+    the collectives of one process, DDP's bucketed gradients through its communication hook (so its
+    backward is traced: the reducer's hooks are torch's C++, another model's backward is not), the
+    same losses as DDP on the CPU."""
     program = tmp_path / "ddp.py"
     program.write_text(DDP_PROGRAM)
     env = clean_env(tmp_path)
@@ -316,6 +322,7 @@ def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_pa
     ref = [float(line.split()[1]) for line in native.stdout.splitlines() if line.startswith("loss")]
     assert len(losses) == 4
     torch.testing.assert_close(losses, ref, **FP32)
+    assert [line for line in out.stdout.splitlines() if line.startswith("leaves")] == ["leaves Handle LeafHandle"]
     gathered = [line for line in out.stdout.splitlines() if line.startswith("gathered")]
     assert gathered == ["gathered [0.0, 1.0, 2.0, 3.0] [0.0, 2.0, 4.0, 6.0] [0.0, 1.0, 2.0, 3.0] [{'rank': 0}] 1"]
     collectives = [line for line in out.stdout.splitlines() if line.startswith("collective")]
