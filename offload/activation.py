@@ -8,7 +8,7 @@ and opens no socket.
 from __future__ import annotations
 
 from offload import (autocast, cuda_facade, device, device_mapping, dispatch, distributed, eager_compile,
-                     optimizer_params, remote_backward, serialization, torch_settings)
+                     optimizer_params, profiler, remote_backward, serialization, torch_settings)
 
 _active = False
 
@@ -30,6 +30,7 @@ def activate():
     eager_compile.install()
     torch_settings.install()
     distributed.install()
+    profiler.install()
     _active = True
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.accelerator
 import torch.backends.cudnn
 import torch.cuda
+import torch.cuda.jiterator
 import torch.cuda.nvtx
 import torch.cuda.random
 import torch.nn.parallel._functions
@@ -203,6 +204,11 @@ def empty_cache():
     pass  # workers free a tensor as soon as its last front handle dies
 
 
+def can_device_access_peer(device, peer_device) -> bool:
+    _check_index(device), _check_index(peer_device)
+    return False   # CUDA's answer for a device and itself, the only pair there is
+
+
 def mem_get_info(device=None) -> tuple[int, int]:
     total = _session().total_memory()
     return total - memory_allocated(device), total
@@ -351,6 +357,9 @@ _FUNCTIONS = {
     "memory_reserved": memory_allocated, "max_memory_reserved": max_memory_allocated,
     "reset_peak_memory_stats": reset_peak_memory_stats,
     "reset_max_memory_allocated": reset_peak_memory_stats, "empty_cache": empty_cache,
+    # Cleanup code calls it after empty_cache; no other process shares the device's memory.
+    "ipc_collect": lambda: None,
+    "can_device_access_peer": can_device_access_peer,
     "mem_get_info": mem_get_info, "memory_stats_as_nested_dict": memory_stats_as_nested_dict,
     # torch's own: they read memory_stats_as_nested_dict, in the module patched below as well.
     "memory_stats": torch.cuda.memory.memory_stats, "memory_summary": torch.cuda.memory.memory_summary,
@@ -384,8 +393,7 @@ _ACCELERATOR = {
 # Internals a program reaches only when it drives CUDA itself.
 _DIRECT_CUDA = ("_lazy_init", "cudart", "current_blas_handle", "current_solver_handle",
                 "caching_allocator_alloc", "caching_allocator_delete", "change_current_allocator",
-                "CUDAPluggableAllocator", "MemPool", "use_mem_pool", "can_device_access_peer",
-                "ipc_collect", "list_gpu_processes")
+                "CUDAPluggableAllocator", "MemPool", "use_mem_pool", "list_gpu_processes")
 
 
 def install():
@@ -407,6 +415,8 @@ def install():
     torch.nn.parallel._functions._get_stream = lambda device: None
     for name in _DIRECT_CUDA:
         setattr(torch.cuda, name, unsupported.refusing(f"torch.cuda.{name}", getattr(torch.cuda, name)))
+    for name in ("_create_jit_fn", "_create_multi_output_jit_fn"):   # CUDA C++ compiled at run time
+        setattr(torch.cuda.jiterator, name, unsupported.refusing(f"torch.cuda.jiterator.{name}"))
     for name, value in _ACCELERATOR.items():
         setattr(torch.accelerator, name, value)
     torch.Tensor.record_stream = lambda self, stream: None

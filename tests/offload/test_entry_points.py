@@ -554,6 +554,10 @@ def test_accelerator_and_cuda_queries():
     with torch.cuda.device(0), torch.cuda.device_of(torch.zeros(1, device="cuda")) as here:
         assert here.idx == 0 and torch.cuda.device_of(torch.zeros(1)).idx == -1
     assert issubclass(torch.cuda.device_of, torch.cuda.device)   # classes, as in torch
+    torch.cuda.ipc_collect()   # cleanup code's companion of empty_cache: nothing to collect
+    assert torch.cuda.can_device_access_peer(0, 0) is False   # CUDA's answer for a device and itself
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        torch.cuda.can_device_access_peer(0, 1)
     assert torch.cuda.get_device_name().startswith("MoAI Accelerator")
     assert torch.cuda.get_device_name(0) == torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
@@ -1301,6 +1305,27 @@ def test_moving_a_model_keeps_tied_parameters_tied(move):
     same(remote.embed.weight.grad.float(), model.embed.weight.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_profiling_with_cuda_activity_records_the_cpu_side_quietly(capfd):
+    """``torch.profiler`` asked for CUDA activity (or the older ``use_cuda=True``): one warning
+    that the kernels run on the workers, the program's ops in the table, and none of the C++
+    warning with a stack trace that this CPU build's fallback printed for every op."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.randn(8, 8, device="cuda")
+    with pytest.warns(UserWarning, match="kernels run on the MoAI workers") as caught:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            with record_function("step"):
+                (x @ x).relu_().sum().item()
+    assert len([w for w in caught if "MoAI workers" in str(w.message)]) == 1
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    assert "step" in table and "aten::mm" in table
+    with pytest.warns(UserWarning, match="MoAI workers"):
+        with torch.autograd.profiler.profile(use_cuda=True) as legacy:
+            (x * 2).sum().item()
+    assert "aten::mul" in legacy.key_averages().table()
+    assert "CUDA used in profiler but not enabled" not in capfd.readouterr().err
+
+
 def test_memory_snapshots_show_the_device_s_live_allocations(tmp_path):
     """``torch.cuda.memory._snapshot()`` / ``_dump_snapshot`` (for pytorch.org/memory_viz) and
     ``memory_snapshot()``: the workers' live allocations in CUDA's layout; recording a history
@@ -1505,6 +1530,8 @@ def test_cuda_extensions_fail_clearly():
         cpp_extension.CUDAExtension("x", ["x.cu"])
     with pytest.raises(DirectCudaError, match="torch.cuda._lazy_init"):
         torch.cuda._lazy_init()
+    with pytest.raises(DirectCudaError, match=r"torch\.cuda\.jiterator\._create_jit_fn"):
+        torch.cuda.jiterator._create_jit_fn("template <typename T> T identity(T x) { return x; }")
 
 
 def test_unsupported_stream_semantics_fail_clearly():
