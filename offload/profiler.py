@@ -4,8 +4,9 @@ Performance scripts profile a step with ``activities=[ProfilerActivity.CPU, Prof
 (or the older ``use_cuda=True`` / ``use_device="cuda"``). This CPU build records no CUDA events:
 since ``torch.cuda.is_available()`` says True, torch took its fallback, which failed on every op
 with a C++ warning and stack trace. The device's kernels run on the workers, so there are no
-device events in this process to record: the profile keeps the CPU activity, with one warning
-that says so; ``sort_by="cuda_time_total"`` still works (zeros).
+device events in this process to record: the profile records the CPU activity (also when only
+CUDA's was asked for), with one warning that says so; ``sort_by="cuda_time_total"`` still works
+(zeros).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def install():
         if use_cuda or use_device == "cuda":
             warnings.warn(_NO_DEVICE_EVENTS, stacklevel=2)
             use_cuda, use_device = False, None
+            kwargs["use_cpu"] = True   # a profile of CUDA activity alone would have nothing to record
         original(self, *args, use_cuda=use_cuda, use_device=use_device, **kwargs)
 
     __init__._moai_cpu_only = True

@@ -1308,7 +1308,8 @@ def test_moving_a_model_keeps_tied_parameters_tied(move):
 def test_profiling_with_cuda_activity_records_the_cpu_side_quietly(capfd):
     """``torch.profiler`` asked for CUDA activity (or the older ``use_cuda=True``): one warning
     that the kernels run on the workers, the program's ops in the table, and none of the C++
-    warning with a stack trace that this CPU build's fallback printed for every op."""
+    warning with a stack trace that this CPU build's fallback printed for every op. Asked for
+    CUDA's alone, it failed ("No activities specified")."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     x = torch.randn(8, 8, device="cuda")
@@ -1323,6 +1324,15 @@ def test_profiling_with_cuda_activity_records_the_cpu_side_quietly(capfd):
         with torch.autograd.profiler.profile(use_cuda=True) as legacy:
             (x * 2).sum().item()
     assert "aten::mul" in legacy.key_averages().table()
+    # CUDA's activity alone, on a schedule writing traces (a training loop's profile)
+    traces = []
+    with pytest.warns(UserWarning, match="MoAI workers"):
+        with profile(activities=[ProfilerActivity.CUDA], schedule=torch.profiler.schedule(wait=0, warmup=1, active=1),
+                     on_trace_ready=lambda p: traces.append(p.key_averages().table()), acc_events=True) as scheduled:
+            for _ in range(2):
+                (x + 1).sum().item()
+                scheduled.step()
+    assert len(traces) == 1 and "aten::add" in traces[0]
     assert "CUDA used in profiler but not enabled" not in capfd.readouterr().err
 
 
