@@ -141,6 +141,7 @@ PATCHES = {
     "StreamContext": StreamContext,
     "ExternalStream": refusing("torch.cuda.ExternalStream", torch.cuda.streams.ExternalStream),
     "get_stream_from_external": refusing("torch.cuda.get_stream_from_external"),
-    "graph": refusing(_GRAPHS, torch.cuda.graphs.graph), "CUDAGraph": refusing(_GRAPHS, torch.cuda.graphs.CUDAGraph),
+    "graph": refusing(_GRAPHS, torch.cuda.graphs.graph),
+    "CUDAGraph": refusing(_GRAPHS, torch.cuda.graphs.CUDAGraph),
     "make_graphed_callables": cuda_graph, "graph_pool_handle": cuda_graph,
 }

@@ -322,7 +322,8 @@ def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_pa
     ref = [float(line.split()[1]) for line in native.stdout.splitlines() if line.startswith("loss")]
     assert len(losses) == 4
     torch.testing.assert_close(losses, ref, **FP32)
-    assert [line for line in out.stdout.splitlines() if line.startswith("leaves")] == ["leaves Handle LeafHandle"]
+    leaves = [line for line in out.stdout.splitlines() if line.startswith("leaves")]
+    assert leaves == ["leaves Handle LeafHandle"]
     gathered = [line for line in out.stdout.splitlines() if line.startswith("gathered")]
     assert gathered == ["gathered [0.0, 1.0, 2.0, 3.0] [0.0, 2.0, 4.0, 6.0] [0.0, 1.0, 2.0, 3.0] [{'rank': 0}] 1"]
     collectives = [line for line in out.stdout.splitlines() if line.startswith("collective")]
@@ -1327,8 +1328,9 @@ def test_profiling_with_cuda_activity_records_the_cpu_side_quietly(capfd):
     # CUDA's activity alone, on a schedule writing traces (a training loop's profile)
     traces = []
     with pytest.warns(UserWarning, match="MoAI workers"):
-        with profile(activities=[ProfilerActivity.CUDA], schedule=torch.profiler.schedule(wait=0, warmup=1, active=1),
-                     on_trace_ready=lambda p: traces.append(p.key_averages().table()), acc_events=True) as scheduled:
+        with profile(activities=[ProfilerActivity.CUDA], acc_events=True,
+                     schedule=torch.profiler.schedule(wait=0, warmup=1, active=1),
+                     on_trace_ready=lambda p: traces.append(p.key_averages().table())) as scheduled:
             for _ in range(2):
                 (x + 1).sum().item()
                 scheduled.step()
