@@ -1474,17 +1474,17 @@ def test_moving_a_model_keeps_its_parameter_objects(make):
         assert [p is q for p, q in zip(kept, m.parameters())] == [True, True] and m.head.weight is kept[0]
         assert all(p.device.type == device for p in kept) and kept[1].no_decay
         tokens = torch.tensor([1, 2, 3]).to(device)
-        losses = []
+        norms_and_losses = []
         for _ in range(3):
             opt.zero_grad()
             loss = m.head(m.embed(tokens)).pow(2).mean()
             loss.backward()
-            losses.append(torch.nn.utils.clip_grad_norm_(kept, 0.05).item())
+            norms_and_losses.append(torch.nn.utils.clip_grad_norm_(kept, 0.05).item())
             opt.step()
-            losses.append(loss.item())
+            norms_and_losses.append(loss.item())
         m.cpu()
         assert kept[0] is m.embed.weight and kept[0].device.type == "cpu" and kept[1].no_decay
-        runs.append((losses, seen, kept[0].detach().clone()))
+        runs.append((norms_and_losses, seen, kept[0].detach().clone()))
     assert runs[0][0][1] != runs[0][0][5] and runs[0][1] == [(10,)] * 3
     torch.testing.assert_close(runs[1], runs[0], **FP32)
 
