@@ -17,17 +17,17 @@ the front as before, with the same results:
   off (``torch.autograd.detect_anomaly`` checks each gradient op's results, with the forward's
   traceback: the front's);
 - the graph: no custom ``autograd.Function`` (but the virtual device's own linear), no hook on a
-  leaf, none on an inner tensor or a module (``register_hook``, ``retain_grad``, module backward
-  hooks: seen when registered), no saved-tensor hooks ever entered (checkpointing), no
-  parameter of a ``DistributedDataParallel`` (its reducer hooks them in C++); every leaf a device
-  tensor whose forward ops named it as a leaf.
+  leaf, none on an inner tensor, a module or a graph's node (``register_hook``, ``retain_grad``,
+  module backward hooks, ``grad_fn.register_hook`` and ``register_prehook``, also on a
+  parameter's gradient accumulator: seen when registered), no saved-tensor hooks ever entered
+  (checkpointing), no parameter of a ``DistributedDataParallel`` (its reducer hooks them in
+  C++); every leaf a device tensor whose forward ops named it as a leaf.
 
 A parameter's first backward is traced on the front and marks it a leaf (``LeafHandle``); the
 backwards of graphs recorded after that run on the worker. A backward that must be traced unmarks
-its parameters for good: a graph the worker built for them would only hold memory. Hooks
-registered on a graph's nodes themselves (``grad_fn.register_hook``) are not seen and do not run
-on the worker's backward. A leaf that only undefined gradients reach gets zeros, where torch
-leaves its ``.grad`` as it was (the front hands gradients out before the worker computes them).
+its parameters for good: a graph the worker built for them would only hold memory. A leaf that
+only undefined gradients reach gets zeros, where torch leaves its ``.grad`` as it was (the front
+hands gradients out before the worker computes them).
 """
 from __future__ import annotations
 
@@ -74,14 +74,15 @@ def install():
     for name in ("register_hook", "retain_grad"):   # a leaf's hooks are seen on the leaf itself
         _note_when_called(RemoteTensor, name, lambda t: not t.is_leaf)
     _note_when_called(torch.nn.Module, "register_backward_hook")   # it hooks grad_fn: never seen
+    _note_node_hooks(torch.autograd.function._HookMixin)
     # Checkpointing, offloading to the host: the worker's graph would keep what they drop.
     _note_when_called(torch.autograd.graph.saved_tensors_hooks, "__enter__")
     _note_ddp_parameters(torch.nn.parallel.DistributedDataParallel)
 
 
 def _note_graph_hook():
-    """A hook on an inner tensor or a module, or saved-tensor hooks: from now on every backward is
-    traced on the front."""
+    """A hook on an inner tensor, a module or a node, or saved-tensor hooks: from now on every
+    backward is traced on the front."""
     global _graph_hooks_seen
     _graph_hooks_seen = True
 
@@ -96,6 +97,21 @@ def _note_when_called(cls, name: str, applies=lambda obj: True):
         return original(self, *args, **kwargs)
 
     setattr(cls, name, noted)
+
+
+def _note_node_hooks(mixin: type):
+    """``grad_fn.register_hook`` / ``register_prehook``, and the same on a parameter's gradient
+    accumulator (Megatron's and DeepSpeed's way to learn that a gradient is ready): torch's nodes
+    are immutable C++ types, and every such registration reaches Python only through this
+    mixin's ``_register_hook``. The hook is on no tensor, so it is noted for every graph."""
+    original = mixin._register_hook
+
+    @functools.wraps(original)
+    def _register_hook(backward_hooks, hook):
+        _note_graph_hook()
+        return original(backward_hooks, hook)
+
+    mixin._register_hook = staticmethod(_register_hook)
 
 
 def _note_ddp_parameters(ddp: type):

@@ -179,14 +179,37 @@ def with_module_backward_hook(model):
     return model
 
 
+def with_accumulator_hooks(model):
+    """Megatron's and DeepSpeed's way to learn that a parameter's gradient is ready: a hook on its
+    gradient accumulator, a node no tensor names."""
+    def doubled(p):
+        def hook(grad_inputs, grad_outputs):
+            p.grad.mul_(2)
+        return hook
+
+    model.accumulators = []
+    for p in model.parameters():
+        accumulator = p.expand_as(p).grad_fn.next_functions[0][0]
+        accumulator.register_hook(doubled(p))
+        model.accumulators.append(accumulator)   # the node lives while something holds it
+    return model
+
+
+def with_node_prehook(model):
+    model[2].register_forward_hook(
+        lambda m, i, out: out.grad_fn.register_prehook(lambda grads: (grads[0] * 2,)) and None)
+    return model
+
+
 def with_custom_function(model):
     model[1].register_forward_hook(lambda m, i, out: Scale.apply(out))
     return model
 
 
 @pytest.mark.parametrize("hooked", [with_leaf_hook, with_inner_hook, with_module_backward_hook,
-                                    with_custom_function],
-                         ids=["leaf-hook", "inner-tensor-hook", "module-backward-hook", "custom-function"])
+                                    with_accumulator_hooks, with_node_prehook, with_custom_function],
+                         ids=["leaf-hook", "inner-tensor-hook", "module-backward-hook",
+                              "accumulator-hooks", "node-prehook", "custom-function"])
 def test_graphs_the_worker_cannot_reproduce_are_traced_with_the_cpu_numbers(records, hooked):
     local, remote = pair()
     local, remote = hooked(local), hooked(remote)
