@@ -415,8 +415,11 @@ def install():
     torch.nn.parallel._functions._get_stream = lambda device: None
     for name in _DIRECT_CUDA:
         setattr(torch.cuda, name, unsupported.refusing(f"torch.cuda.{name}", getattr(torch.cuda, name)))
-    for name in ("_create_jit_fn", "_create_multi_output_jit_fn"):   # CUDA C++ compiled at run time
-        setattr(torch.cuda.jiterator, name, unsupported.refusing(f"torch.cuda.jiterator.{name}"))
+    for name in ("_create_jit_fn", "_create_multi_output_jit_fn"):
+        # CUDA C++, compiled at a kernel's first call as CUDA's are: a module may make kernels at
+        # import (torch's own op database does) and fails only where it runs one.
+        kernel = unsupported.refusing(f"torch.cuda.jiterator.{name}")
+        setattr(torch.cuda.jiterator, name, lambda *args, _kernel=kernel, **kwargs: _kernel)
     for name, value in _ACCELERATOR.items():
         setattr(torch.accelerator, name, value)
     torch.Tensor.record_stream = lambda self, stream: None

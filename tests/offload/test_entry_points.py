@@ -1542,8 +1542,9 @@ def test_cuda_extensions_fail_clearly():
         cpp_extension.CUDAExtension("x", ["x.cu"])
     with pytest.raises(DirectCudaError, match="torch.cuda._lazy_init"):
         torch.cuda._lazy_init()
+    identity = torch.cuda.jiterator._create_jit_fn("template <typename T> T identity(T x) { return x; }")
     with pytest.raises(DirectCudaError, match=r"torch\.cuda\.jiterator\._create_jit_fn"):
-        torch.cuda.jiterator._create_jit_fn("template <typename T> T identity(T x) { return x; }")
+        identity(torch.ones(2, device="cuda"))   # made at import by some modules: refused when run
 
 
 def test_unsupported_stream_semantics_fail_clearly():
