@@ -196,11 +196,15 @@ def _tensor_bytes(t, torch) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:
+        # Not laid out densely, or one element seen through a stride of 0 (``x.expand(1, 1)`` of a
+        # scalar), which counts as contiguous and so stays a view of stride 0 after ``reshape``.
+        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
     # A uint8 view reinterprets any dtype (bfloat16, float8, bool) without numpy support for it.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 # One Packer reused for the ints inside ext values: ``packb`` builds a Packer per call, which
@@ -474,7 +478,14 @@ class Server:
 
     def reply(self, peer: bytes, msg_type: str, body: Any, msg_id: int):
         try:
-            self.sock.send_multipart([peer, *encode(msg_type, body, msg_id=msg_id)], copy=False)
+            frames = encode(msg_type, body, msg_id=msg_id)
+        except Exception as e:  # like a handler bug: the caller hears of it, the daemon stays up
+            log.exception("%s: a %s reply could not be encoded", self.name, msg_type)
+            frames = encode("error", {"code": "internal", "message": f"the reply could not be "
+                                                                     f"encoded: {type(e).__name__}: {e}"},
+                            msg_id=msg_id)
+        try:
+            self.sock.send_multipart([peer, *frames], copy=False)
         except zmq.ZMQError as e:  # the peer left; nothing to tell it
             log.debug("%s: reply to a gone peer dropped: %s", self.name, e)
 

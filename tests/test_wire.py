@@ -40,6 +40,15 @@ def test_noncontiguous_and_scalar_tensors():
     assert torch.equal(msg.body[0], t) and msg.body[1].shape == () and msg.body[1].item() == 3.5
 
 
+@pytest.mark.parametrize("make", [lambda: torch.tensor(2.5).expand(1, 1), lambda: torch.tensor(2.5).expand(4),
+                                  lambda: torch.ones(3, 1).expand(3, 5)], ids=["one-element", "scalar", "rows"])
+def test_expanded_tensors_travel_as_their_values(make):
+    """A stride of 0: one element of ``expand(1, 1)`` counts as contiguous and stays such a view."""
+    t = make()
+    got = roundtrip([t]).body[0]
+    assert got.shape == t.shape and torch.equal(got, t)
+
+
 def test_tensor_travels_out_of_band():
     t = torch.ones(1000)
     frames = wire.encode("t", {"x": t})
@@ -135,7 +144,8 @@ def server():
         return {"slept": msg.body}
 
     srv = wire.Server("tcp://127.0.0.1:0", {"echo": echo, "boom": boom, "refuse": refuse, "slow": slow,
-                                            "quiet": lambda m: wire.NO_REPLY}, name="test")
+                                            "quiet": lambda m: wire.NO_REPLY,
+                                            "unencodable": lambda m: {"value": object()}}, name="test")
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -154,6 +164,8 @@ def test_request_reply_and_structured_errors(server):
         c.call("refuse")
     with pytest.raises(wire.RemoteError, match="unknown_type"):
         c.call("no_such_type")
+    with pytest.raises(wire.RemoteError, match="internal: the reply could not be encoded: TypeError"):
+        c.call("unencodable")   # a reply the codec refuses does not take the server down
     with pytest.raises(wire.TransportTimeout):
         c.call("quiet", timeout_s=0.2)
     assert c.call("echo", 1) == {"echo": 1}  # the client is still usable after a timeout

@@ -64,6 +64,15 @@ def test_views_and_in_place_through_views(dev):
     same(view, ref_view)
 
 
+def test_expanded_scalars_come_back_and_go_up(dev):
+    """One element seen through strides of 0 (``expand_as`` of a scalar): its download once took
+    the worker down, its reply failing to encode."""
+    s = torch.tensor(2.5)
+    same(s.to(dev).expand(1, 1), s.expand(1, 1))
+    same(s.expand(1, 1).to(dev).expand(3, 1), s.expand(3, 1))
+    assert torch.ones(2, device=dev).sum().item() == 2.0   # the same worker still serves
+
+
 def test_indexing(dev):
     a = torch.randn(6, 5)
     idx = torch.tensor([4, 0, 2])
