@@ -21,7 +21,8 @@ import torch
 
 from daemons.wire import RemoteRef
 from daemons.worker import conv_layout
-from offload import generators, parameter_swap
+from daemons.worker.executor import runnable
+from offload import generators, parameter_swap, unsupported
 from offload import session as sessions
 from offload import sync_debug
 from offload.device import DEVICE
@@ -70,6 +71,8 @@ class Dispatcher:
         info = self._ops.get(id(func))
         if info is None:
             info = self._ops[id(func)] = OpInfo(func, self.rules.get(func))
+            if info.rule is None and not info.composite and not runnable(info.name):
+                info.rule = _foreign
         return info
 
     def __call__(self, func, args, kwargs):
@@ -158,6 +161,16 @@ class Dispatcher:
         tid = session.new_id()
         session.enqueue(self.op_name(func), wire_form(list(args), []), wire_form(kwargs, []), tid)
         return RemoteTensor(meta, tid)
+
+
+def _foreign(func, args, kwargs):
+    """An op of a library of its own (``torch.library.custom_op``'s, an extension's), which no
+    worker runs. One implemented once for every device in torch's ops (a CompositeExplicitAutograd
+    kernel: a Python custom op, such as the chunked ``F.linear_cross_entropy``'s) runs here, its
+    ops streamed as any others; one with a kernel per device (CUDA code) is refused at once."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), torch._C.DispatchKey.CompositeExplicitAutograd):
+        return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+    raise unsupported.not_supported(f"the operator {func.name()} (a library's own, with per-device kernels)")
 
 
 def _as_on_the_device(e: RuntimeError) -> RuntimeError:

@@ -67,6 +67,12 @@ class OpError(Exception):
         self.code = code
 
 
+def runnable(name: str) -> bool:
+    """Whether a front may name this op in a record: an op of torch's plain tensor math, or one
+    the worker implements itself."""
+    return name in _KERNELS or name.partition("::")[0] in ALLOWED_NAMESPACES
+
+
 def resolve_op(name: str):
     """``"aten::add.Tensor"`` -> ``torch.ops.aten.add.Tensor``, looked up by attribute, never eval'd.
 
@@ -75,9 +81,9 @@ def resolve_op(name: str):
     kernel = _KERNELS.get(name)
     if kernel is not None:
         return kernel
-    namespace, sep, rest = name.partition("::")
-    if not sep or namespace not in ALLOWED_NAMESPACES:
+    if not runnable(name):
         raise OpError("op_failed", f"op {name!r} is not an aten/prims operator")
+    namespace, _, rest = name.partition("::")
     packet_name, _, overload = rest.partition(".")
     try:
         packet = getattr(getattr(torch.ops, namespace), packet_name)

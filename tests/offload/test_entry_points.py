@@ -1527,6 +1527,53 @@ def test_equal_allclose_and_nvtx():
 
 
 # --- 14. what cannot work fails clearly, at once -------------------------------------------------
+@torch.library.custom_op("moai_test::scaled_tanh", mutates_args=())
+def scaled_tanh(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.tanh(x) * scale
+
+
+scaled_tanh.register_fake(lambda x, scale: torch.empty_like(x))
+scaled_tanh.register_autograd(
+    lambda ctx, grad: (grad * ctx.scale * (1 - torch.tanh(ctx.saved_tensors[0]) ** 2), None),
+    setup_context=lambda ctx, inputs, output: (ctx.save_for_backward(inputs[0]),
+                                               setattr(ctx, "scale", inputs[1])))
+
+
+@torch.library.custom_op("moai_test::cuda_kernel", mutates_args=(), device_types="cuda")
+def cuda_kernel(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_custom_ops_written_in_torch_ops_run_as_their_ops(reduction):
+    """No worker runs another library's operators: one implemented in torch's ops for every
+    device (a program's torch.library.custom_op, torch's own chunked linear_cross_entropy) runs as
+    those ops; its autograd formula is the op's own."""
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    def run(device):
+        g = torch.Generator().manual_seed(0)
+        x, w = (torch.randn(*shape, generator=g).to(device).requires_grad_() for shape in ((6, 8), (5, 8)))
+        target = torch.tensor([0, 1, 2, 3, 4, 1]).to(device)
+        loss = torch.nn.functional.linear_cross_entropy(
+            scaled_tanh(x, 1.5), w, target, reduction=reduction,
+            options=LinearCrossEntropyOptions(batch_chunk_size=2))
+        loss.sum().backward()
+        return [t.detach().cpu() for t in (loss, x.grad, w.grad)]
+
+    for got, expected in zip(run("cuda"), run("cpu")):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_custom_op_with_cuda_kernels_only_is_refused_at_its_call():
+    from offload.unsupported import DirectCudaError
+
+    x = torch.ones(3, device="cuda")
+    with pytest.raises(DirectCudaError, match="moai_test::cuda_kernel"):
+        cuda_kernel(x)
+    assert (x + 1).sum().item() == 6.0
+
+
 def test_cuda_extensions_fail_clearly():
     from torch.utils import cpp_extension
 
