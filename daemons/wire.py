@@ -333,11 +333,13 @@ def _decode_tensor(dtype_name: str, shape: list, buf: memoryview):
     with warnings.catch_warnings():
         # The tensor aliases the received zmq frame, which nothing else reuses: writing is safe.
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(buf, dtype=dtype)
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
     if flat.data_ptr() % elem:
-        # zmq puts a large frame's bytes after its own header, 8 bytes off a 16-byte boundary:
-        # torch's kernels assume a complex128 element 16-aligned, and crashed on such a tensor.
+        # zmq puts a frame's bytes after its own header, not always on an element's boundary
+        # (a complex128 one 8 bytes off 16): torch's kernels, even a copy of such a tensor,
+        # crash on misaligned elements. Copied as bytes, they land aligned.
         flat = flat.clone()
+    flat = flat.view(dtype)
     # A tensor of its own over the frame's storage, not a view of ``flat``: autograd refuses an
     # in-place op in grad mode on a view made without it (a worker stores uploads as they come,
     # and a model moved under no_grad then got ``param.data += delta`` refused there).
