@@ -7,8 +7,9 @@ and opens no socket.
 """
 from __future__ import annotations
 
-from offload import (autocast, cuda_facade, device, device_mapping, dispatch, distributed, eager_compile,
-                     optimizer_params, profiler, remote_backward, serialization, torch_settings)
+from offload import (autocast, backward_failures, cuda_facade, device, device_mapping, dispatch,
+                     distributed, eager_compile, optimizer_params, profiler, remote_backward,
+                     serialization, torch_settings)
 
 _active = False
 
@@ -27,6 +28,7 @@ def activate():
     dispatch.install_upload_hints()
     optimizer_params.install()
     remote_backward.install()
+    backward_failures.install()
     eager_compile.install()
     torch_settings.install()
     distributed.install()

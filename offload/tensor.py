@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from daemons.wire import EXT_DETACHED_REF, EXT_LEAF_REF, packed_ref
-from offload import session
+from offload import backward_failures, session
 from offload.device import DEVICE
 from offload.device_storage import ADDRESSES
 
@@ -210,4 +210,9 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return cls.dispatcher(func, args, kwargs or {})
+        try:
+            return cls.dispatcher(func, args, kwargs or {})
+        except Exception as e:
+            if not backward_failures.held(e):
+                raise
+            return None   # on autograd's device thread: the caller of the backward raises ``e``

@@ -365,6 +365,51 @@ def test_a_generator_seeded_early_and_tensors_alive_at_exit(tmp_path):
     assert "Exception ignored" not in out.stderr and "Error" not in out.stderr, out.stderr[-3000:]
 
 
+BACKWARD_FAILURE_PROGRAM = textwrap.dedent("""\
+    import sys
+    import torch
+    from offload import activation, dispatch, session
+
+    activation.activate()
+    session.connect([sys.argv[1]], sys.argv[2])
+    run = dispatch.Dispatcher.__call__
+
+    def refusing_cos(self, func, args, kwargs):  # a front op that fails, called by a C++ formula
+        if func is torch.ops.aten.cos.default:
+            raise NotImplementedError("cos refused here")
+        return run(self, func, args, kwargs)
+
+    dispatch.Dispatcher.__call__ = refusing_cos
+    x = torch.ones(3, device="cuda", requires_grad=True)
+    for attempt in (lambda: torch.sin(x).sum().backward(),
+                    lambda: torch.autograd.grad(torch.sin(x * 2).sum(), [x])):
+        try:
+            attempt()
+        except NotImplementedError as e:
+            print("raised:", e)
+    dispatch.Dispatcher.__call__ = run
+    torch.sin(x).sum().backward()
+    print("then", x.grad.cpu().tolist() == torch.ones(3).cos().tolist())
+""")
+
+
+def test_a_front_error_inside_a_backward_formula_is_raised_not_a_crash(tmp_path):
+    """autograd runs device ops on a thread a Python exception cannot leave on torch 2.13: an op
+    of the front failing there ended the process ("terminate called without an active exception",
+    torch.fft.hfft's backward did); now backward() and autograd.grad raise it."""
+    program = tmp_path / "failure.py"
+    program.write_text(BACKWARD_FAILURE_PROGRAM)
+    w = start_worker(tmp_path / "worker")
+    try:
+        out = subprocess.run([sys.executable, str(program), w.address, SECRET], capture_output=True,
+                             text=True, timeout=120, env=dict(clean_env(tmp_path), MOAI_OFFLOAD="0"),
+                             cwd=REPO_ROOT)
+    finally:
+        w.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout == "raised: cos refused here\nraised: cos refused here\nthen True\n", out.stderr[-3000:]
+
+
 SETTINGS_PROGRAM = textwrap.dedent("""\
     import os
     import sys
