@@ -96,6 +96,15 @@ def _whole_factory(overload: str):
     return factory
 
 
+def _efficient_zeros(size, dtype=None, layout=None, device=None, pin_memory=None):
+    # Some gradient formulas (sgn's, ``torch.where``'s condition ...) answer with CUDA's
+    # ZeroTensor, zeros that hold no memory; here they are a tensor of zeros, the same values.
+    from offload import dispatch
+
+    return dispatch.DISPATCHER.factory(torch.ops.aten.zeros.default, (list(size),),
+                                       {"dtype": dtype, "device": device})
+
+
 def _copy_from(src, dst, non_blocking=False):
     # torch.tensor(data, device=...), as_tensor and new_tensor copy their host tensor to the device
     # with the Python key excluded, past __torch_dispatch__; copy_ then reaches this backend, which
@@ -116,6 +125,7 @@ def register():
     _library.impl("empty.memory_format", _empty, "PrivateUse1")
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")
     _library.impl("_copy_from", _copy_from, "PrivateUse1")
+    _library.impl("_efficientzerotensor", _efficient_zeros, "PrivateUse1")
     for overload in _WHOLE_FACTORIES:
         _library.impl(overload, _whole_factory(overload), "PrivateUse1")
     from offload import attention, decompositions, linear  # they import RemoteTensor, which needs DEVICE

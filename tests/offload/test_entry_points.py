@@ -365,6 +365,16 @@ def test_a_generator_seeded_early_and_tensors_alive_at_exit(tmp_path):
     assert "Exception ignored" not in out.stderr and "Error" not in out.stderr, out.stderr[-3000:]
 
 
+def test_gradient_formulas_answering_with_zeros_that_hold_no_memory():
+    """sgn's gradient is CUDA's ZeroTensor (``_efficientzerotensor``), which the device lacked."""
+    grads = []
+    for device in ("cpu", "cuda"):
+        x = torch.tensor([-1.5, 0.0, 2.0]).to(device).requires_grad_()
+        (torch.sgn(x) * x + torch.sgn(x * 3)).sum().backward()
+        grads.append(x.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 BACKWARD_FAILURE_PROGRAM = textwrap.dedent("""\
     import sys
     import torch
