@@ -392,9 +392,10 @@ class Executor:
             raise OpError("op_failed", f"backward (op #{seq}) failed: {type(e).__name__}: {e}") from None
         for leaf, grad_ref, tid in zip(leaves, grad_refs, out):
             grad, leaf.grad = leaf.grad, None
-            if grad is None:
+            if grad is None or grad._is_zerotensor():
                 # Only undefined gradients reached it (torch then leaves ``.grad`` as it was):
-                # the front has handed out a gradient already, so it is zeros.
+                # the front has handed out a gradient already, so it is zeros. Or a gradient of
+                # zeros that holds no memory (sgn's), which the table cannot hold.
                 grad = torch.zeros_like(leaf)
             if grad_ref is not None:
                 self._resolve(grad_ref).add_(grad)

@@ -93,6 +93,19 @@ def test_backwards_after_the_first_run_on_the_worker_with_the_cpu_numbers(record
     assert records.count("moai::linear_backward") == 2
 
 
+def test_a_gradient_of_zeros_holding_no_memory_is_stored_by_the_worker(records):
+    """sgn's gradient is a ZeroTensor, which has no storage for the worker's table to count."""
+    grads = []
+    for device in ("cpu", "cuda"):
+        scale = nn.Parameter(torch.tensor([-1.5, 0.0, 2.0]).to(device))
+        for _ in range(2):   # the second backward runs on the worker
+            scale.grad = None
+            (torch.sgn(scale) * 3).sum().backward()
+        grads.append(scale.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0])
+    assert records.count(BACKWARD) == 1
+
+
 @pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}, {"foreach": False}],
                          ids=["fused", "foreach", "for-loop"])
 def test_every_optimizer_path_reads_the_gradients_the_worker_stored(records, options):
