@@ -1,4 +1,4 @@
-"""An error of the front's own code on autograd's device thread, raised where the backward was called.
+"""An error of the front's code on autograd's device thread, raised where the backward was called.
 
 torch runs a backward's device ops on a thread of its own. On torch 2.13 a Python exception
 cannot leave that thread from an op called by a C++ gradient formula: unwinding past the engine's
@@ -19,7 +19,7 @@ import torch
 
 _lock = threading.Lock()
 _callers: dict[int, int] = {}        # thread ident -> engine runs it is waiting on (nested ones)
-_held: list[Exception] = []          # the first error held since the outermost run began
+_held: list[Exception] = []          # the first error held, for the run that waits on it
 
 
 def install():

@@ -97,8 +97,8 @@ def _whole_factory(overload: str):
 
 
 def _efficient_zeros(size, dtype=None, layout=None, device=None, pin_memory=None):
-    # Some gradient formulas (sgn's, ``torch.where``'s condition ...) answer with CUDA's
-    # ZeroTensor, zeros that hold no memory; here they are a tensor of zeros, the same values.
+    # Some gradient formulas (sgn's, for one) answer with CUDA's ZeroTensor, zeros that hold no
+    # memory; here they are a tensor of zeros, the same values.
     from offload import dispatch
 
     return dispatch.DISPATCHER.factory(torch.ops.aten.zeros.default, (list(size),),

@@ -168,9 +168,11 @@ def _foreign(func, args, kwargs):
     worker runs. One implemented once for every device in torch's ops (a CompositeExplicitAutograd
     kernel: a Python custom op, such as the chunked ``F.linear_cross_entropy``'s) runs here, its
     ops streamed as any others; one with a kernel per device (CUDA code) is refused at once."""
-    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), torch._C.DispatchKey.CompositeExplicitAutograd):
-        return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
-    raise unsupported.not_supported(f"the operator {func.name()} (a library's own, with per-device kernels)")
+    everywhere = torch._C.DispatchKey.CompositeExplicitAutograd
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), everywhere):
+        return func._op_dk(everywhere, *args, **kwargs)
+    raise unsupported.not_supported(f"the operator {func.name()} (a library's own, with per-device "
+                                    "kernels)")
 
 
 def _as_on_the_device(e: RuntimeError) -> RuntimeError:
