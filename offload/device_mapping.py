@@ -31,6 +31,10 @@ FACTORY_FUNCTIONS = (
 TENSOR_DEVICE_METHODS = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor",
                          "new_empty_strided")
 
+# torch.nested's constructors: a nested tensor keeps its elements in one buffer that the shape
+# inference and the workers' tables do not describe, so none is made on the virtual device.
+NESTED_CONSTRUCTORS = ("nested_tensor", "as_nested_tensor", "nested_tensor_from_jagged", "narrow")
+
 _MISSING = object()  # the name was inherited, not set on the patched object itself
 _originals: dict[tuple[object, str], object] = {}
 
@@ -66,6 +70,25 @@ def _map_device_kwarg(func):
             kwargs["device"] = map_device(device)
         return func(*args, **kwargs)
     return with_virtual_device
+
+
+def _on_the_device(x) -> bool:
+    if isinstance(x, (list, tuple)):
+        return any(_on_the_device(v) for v in x)
+    return isinstance(x, torch.Tensor) and x.is_cuda   # this CPU-only torch's only CUDA tensors
+
+
+def _refusing_the_device(func):
+    @functools.wraps(func)
+    def nested_constructor(*args, **kwargs):
+        device = kwargs.get("device")
+        if (device is not None and torch.device(map_device(device)) == virtual_device()) \
+                or _on_the_device(args) or _on_the_device(list(kwargs.values())):
+            raise NotImplementedError(
+                f"torch.nested.{func.__name__}: nested tensors are not supported on the virtual cuda:0 "
+                "device; keep them on the CPU, or pad them into dense tensors")
+        return func(*args, **kwargs)
+    return nested_constructor
 
 
 def _tensor_to(original):
@@ -114,6 +137,9 @@ def install():
     for name in FACTORY_FUNCTIONS:
         if hasattr(torch, name):
             _patch(torch, name, _map_device_kwarg(getattr(torch, name)))
+    for name in NESTED_CONSTRUCTORS:
+        if hasattr(torch.nested, name):
+            _patch(torch.nested, name, _refusing_the_device(getattr(torch.nested, name)))
     for name in TENSOR_DEVICE_METHODS:
         _patch(torch.Tensor, name, _map_device_kwarg(getattr(torch.Tensor, name)))
     _patch(torch.Tensor, "to", _tensor_to(torch.Tensor.to))

@@ -140,6 +140,10 @@ class Dispatcher:
         return meta_out, None
 
     def run_data_dependent(self, func, wire_args, wire_kwargs):
+        if _NOT_DENSE.match(func._schema.name):
+            # No meta kernel, so the layout is not known here: without this the worker would fail
+            # to store the result, reported at the next sync.
+            _check_layout(func, None)
         returns = func._schema.returns
         if not returns or any(str(r.type) != "Tensor" for r in returns):
             raise NotImplementedError(f"{func} cannot run on the virtual cuda:0 device "
@@ -182,19 +186,29 @@ def _as_on_the_device(e: RuntimeError) -> RuntimeError:
     message = str(e)
     if type(e) is not RuntimeError or "meta" not in message:
         return e
+    # torch's reference kernels word it so, either way round; CUDA's TensorIterator as below.
     other = re.fullmatch(r"Tensor on device (\S+) is not on the expected device meta!", message)
-    if other:   # torch's reference kernels word it so; CUDA's TensorIterator as below
+    if other:
         return type(e)(f"Expected all tensors to be on the same device, but found at least two devices, "
                        f"{VISIBLE_DEVICE} and {other.group(1)}!")
+    other = re.fullmatch(r"Tensor on device meta is not on the expected device (\S+)!", message)
+    if other:
+        return type(e)(f"Expected all tensors to be on the same device, but found at least two devices, "
+                       f"{other.group(1)} and {VISIBLE_DEVICE}!")
     return type(e)(re.sub(r"\bmeta\b", str(VISIBLE_DEVICE), message))
 
 
-def _check_layout(func, layout: torch.layout):
+# Ops whose results are sparse, MKL-DNN or nested tensors; they have no meta kernel.
+_NOT_DENSE = re.compile(r"aten::(_?to_sparse\w*|_?sparse_\w*|to_mkldnn|mkldnn_\w*|_nested_\w*)")
+
+
+def _check_layout(func, layout: torch.layout | None):
     """Only dense tensors live on the virtual device: the workers' tables, the wire's tensor
     form and the shape inference all hold strided tensors."""
     if layout != torch.strided:
-        raise NotImplementedError(f"{func}: {layout} tensors are not supported on the virtual cuda:0 "
-                                  "device; keep them on the CPU or use dense tensors (to_dense())")
+        kind = f"{layout} tensors" if layout is not None else "its results, not dense tensors,"
+        raise NotImplementedError(f"{func}: {kind} are not supported on the virtual cuda:0 device; "
+                                  "keep them on the CPU or use dense tensors (to_dense())")
 
 
 def _restride(func, wrapper: RemoteTensor, meta: torch.Tensor):

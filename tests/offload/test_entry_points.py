@@ -718,6 +718,33 @@ def test_sparse_tensors_fail_clearly():
     same(torch.sparse_coo_tensor(indices, values, (2, 2)).to_dense().cuda(), torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
 
 
+@pytest.mark.parametrize("convert", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr, torch.Tensor.to_mkldnn],
+                         ids=["coo", "csr", "mkldnn"])
+def test_conversions_to_other_layouts_fail_at_the_call_and_the_device_goes_on(convert):
+    # They have no meta kernel: sent to the worker, they failed only at the next sync.
+    x = torch.randn(3, 3)
+    on_device = x.cuda()
+    with pytest.raises(NotImplementedError, match=r"not dense tensors, are not supported on the virtual cuda:0"):
+        convert(on_device)
+    same(on_device * 2, x * 2)
+
+
+def test_nested_tensors_fail_clearly():
+    parts = [torch.randn(2, 3), torch.randn(4, 3)]
+    for make in (lambda: torch.nested.nested_tensor(parts, device="cuda"),
+                 lambda: torch.nested.nested_tensor(parts, layout=torch.jagged, device="cuda"),
+                 lambda: torch.nested.as_nested_tensor([p.cuda() for p in parts])):
+        with pytest.raises(NotImplementedError, match=r"nested tensors are not supported on the virtual cuda:0"):
+            make()
+    assert torch.nested.nested_tensor(parts).is_nested   # on the CPU as in stock torch
+
+
+def test_a_host_tensor_given_to_a_device_module_is_worded_as_cuda_words_it():
+    with pytest.raises(RuntimeError, match=r"^Expected all tensors to be on the same device, but found at least "
+                                           r"two devices, cpu and cuda:0!$"):
+        nn.Linear(4, 3).cuda()(torch.randn(2, 4))
+
+
 def test_channels_last_convolutions_are_laid_out_as_on_cuda():
     """torch's meta kernel leaves a convolution's result contiguous, the CPU's and cuDNN's kernels
     return it channels-last: the front and the worker agree on CUDA's layout, forward and backward."""
