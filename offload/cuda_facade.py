@@ -204,6 +204,14 @@ def empty_cache():
     pass  # workers free a tensor as soon as its last front handle dies
 
 
+def _no_host_memory(*args, **kwargs):
+    pass  # pin_memory() keeps a tensor where it is: the front never allocates pinned memory
+
+
+def device_memory_used(device=None) -> int:
+    return memory_allocated(device)   # nvidia-smi's figure: the device's memory is the workers'
+
+
 def can_device_access_peer(device, peer_device) -> bool:
     _check_index(device), _check_index(peer_device)
     return False   # CUDA's answer for a device and itself, the only pair there is
@@ -364,6 +372,8 @@ _FUNCTIONS = {
     # torch's own: they read memory_stats_as_nested_dict, in the module patched below as well.
     "memory_stats": torch.cuda.memory.memory_stats, "memory_summary": torch.cuda.memory.memory_summary,
     "reset_accumulated_memory_stats": lambda device=None: None,   # no accumulated totals kept
+    "reset_accumulated_host_memory_stats": _no_host_memory, "reset_peak_host_memory_stats": _no_host_memory,
+    "device_memory_used": device_memory_used,
     "get_allocator_backend": lambda: "native",
     "set_per_process_memory_fraction": set_per_process_memory_fraction,
     "get_per_process_memory_fraction": get_per_process_memory_fraction,
@@ -387,9 +397,31 @@ _ACCELERATOR = {
     "memory_reserved": memory_allocated, "max_memory_reserved": max_memory_allocated,
     "reset_peak_memory_stats": reset_peak_memory_stats, "empty_cache": empty_cache,
     "memory_stats": torch.cuda.memory.memory_stats, "get_memory_info": mem_get_info,
+    "reset_accumulated_memory_stats": lambda device_index=None: None, "empty_host_cache": _no_host_memory,
     "get_device_capability": lambda device=None: {"supported_dtypes": [
         torch.float32, torch.float16, torch.bfloat16, torch.float64]},
 }
+# torch's submodules that hold their own references to the names patched (torch's
+# reset_max_memory_cached calls torch.cuda.memory's reset_peak_memory_stats; torch.accelerator.memory's
+# reach a device allocator the virtual device does not have: an internal assert, and a segmentation
+# fault for empty_host_cache).
+_CUDA_SUBMODULES = (torch.cuda.memory, torch.cuda.random, torch.cuda.graphs)
+# TunableOp picks GEMM kernels on the GPU that runs them: the workers'.
+_TUNABLE_QUERIES = ("is_enabled", "tuning_is_enabled", "record_untuned_is_enabled")
+_TUNABLE_SWITCHES = ("enable", "tuning_enable", "record_untuned_enable")
+
+
+def _tunable(name: str):
+    refuse = unsupported.refusing(f"torch.cuda.tunable.{name}")
+    if name not in _TUNABLE_SWITCHES:
+        return refuse
+
+    def switch(val: bool = True):
+        if val:
+            refuse()   # switching it off is what the device is already
+    return switch
+
+
 # Internals a program reaches only when it drives CUDA itself.
 _DIRECT_CUDA = ("_lazy_init", "cudart", "current_blas_handle", "current_solver_handle",
                 "caching_allocator_alloc", "caching_allocator_delete", "change_current_allocator",
@@ -402,8 +434,12 @@ def install():
         return
     for name, value in {**_FUNCTIONS, **_RANDOM, **cuda_streams.PATCHES}.items():
         setattr(torch.cuda, name, value)
-    for name, value in _RANDOM.items():
-        setattr(torch.cuda.random, name, value)
+    for module in _CUDA_SUBMODULES:
+        for name, value in {**_FUNCTIONS, **_RANDOM, **cuda_streams.PATCHES}.items():
+            # Their own guards keep torch's answer (a CPU build's CUDA is never initialized):
+            # host_memory_stats, caching_allocator_enable ... stay off CUDA's C functions.
+            if name in vars(module) and name != "is_initialized":
+                setattr(module, name, value)
     torch.cuda.memory.memory_stats_as_nested_dict = memory_stats_as_nested_dict
     # torch's own _dump_snapshot reads _snapshot in its module.
     torch.cuda.memory._snapshot, torch.cuda.memory.memory_snapshot = _snapshot, memory_snapshot
@@ -422,6 +458,10 @@ def install():
         setattr(torch.cuda.jiterator, name, lambda *args, _kernel=kernel, **kwargs: _kernel)
     for name, value in _ACCELERATOR.items():
         setattr(torch.accelerator, name, value)
+        if name in vars(torch.accelerator.memory):
+            setattr(torch.accelerator.memory, name, value)
+    for name in torch.cuda.tunable.__all__:
+        setattr(torch.cuda.tunable, name, false if name in _TUNABLE_QUERIES else _tunable(name))
     torch.Tensor.record_stream = lambda self, stream: None
     # nn.LSTM/GRU ask cuDNN about their weights at every forward (flatten_parameters); this build
     # has no cuDNN and would warn "compiled without cuDNN" for the virtual device's "cuda" tensors.
@@ -435,5 +475,10 @@ def install():
     # raise "NVTX functions not installed"), so they do nothing, as outside a profiler run.
     for name in ("range_push", "range_pop", "range_start", "range_end", "mark"):
         setattr(torch.cuda.nvtx, name, lambda *args, **kwargs: 0)
+    for name in ("blas_workspace_size", "cublas_workspace_size", "cublaslt_workspace_size"):
+        if hasattr(torch.backends.cuda, name):   # cuBLAS's own configuration
+            setattr(torch.backends.cuda, name, unsupported.refusing(f"torch.backends.cuda.{name}"))
+    # Likewise the range a profiler such as nsys captures (cudaProfilerStart/Stop).
+    torch.cuda.profiler.start = torch.cuda.profiler.stop = lambda: None
     unsupported.install()
 

@@ -689,6 +689,54 @@ def test_memory_summary_and_stats_in_the_allocators_layout():
     del big
 
 
+def test_memory_functions_answer_through_every_module_that_holds_them():
+    """torch.accelerator.memory's own functions hit an internal assert (no device allocator for
+    the virtual device) and its empty_host_cache a segmentation fault; torch.cuda.memory's (which
+    torch.cuda.reset_max_memory_cached calls) an AttributeError of a CPU build."""
+    import gc
+
+    import torch.accelerator.memory as accelerator_memory
+
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    big = torch.empty(1 << 18, device="cuda")  # 1 MiB
+    torch.cuda.synchronize()
+    allocated = before + (1 << 20)
+    for module in (torch.cuda, torch.cuda.memory, torch.accelerator, accelerator_memory):
+        assert module.memory_allocated() == allocated == module.memory_reserved(), module
+        assert module.max_memory_allocated() >= allocated and module.max_memory_reserved() >= allocated
+        assert module.memory_stats()["allocated_bytes.all.current"] == allocated
+        module.reset_accumulated_memory_stats()
+        module.empty_cache()
+    assert accelerator_memory.get_memory_info() == torch.cuda.mem_get_info()
+    assert torch.cuda.device_memory_used() == allocated
+    accelerator_memory.empty_host_cache()
+    torch.accelerator.empty_host_cache()
+    torch.cuda.reset_peak_host_memory_stats()
+    torch.cuda.reset_accumulated_host_memory_stats()
+    assert torch.cuda.host_memory_stats() == {}
+    del big
+    gc.collect()
+    with pytest.warns(FutureWarning):
+        torch.cuda.reset_max_memory_cached()
+    for module in (torch.cuda, torch.cuda.memory, torch.accelerator, accelerator_memory):
+        assert module.max_memory_allocated() == before
+    assert torch.cuda.random.current_device() == 0 and torch.cuda.graphs.is_current_stream_capturing() is False
+
+
+def test_cuda_tuning_and_profiling_switches():
+    assert torch.cuda.tunable.is_enabled() is False and torch.cuda.tunable.tuning_is_enabled() is False
+    torch.cuda.tunable.enable(False)
+    for call in (torch.cuda.tunable.enable, lambda: torch.cuda.tunable.set_filename("x.csv"),
+                 torch.cuda.graphs.graph_pool_handle, torch.backends.cuda.cublas_workspace_size):
+        with pytest.raises(RuntimeError, match="is not supported: the MoAI Platform"):
+            call()
+    x = torch.randn(4)
+    with torch.cuda.profiler.profile():   # an nsys capture range: nothing on the front to capture
+        same(x.cuda() * 2, x * 2)
+
+
 def test_torch_compile_runs_the_model_eagerly_with_a_warning():
     """``model = torch.compile(model)`` (nanoGPT and most recent scripts): the program runs, eagerly."""
     from offload.eager_compile import MESSAGE
