@@ -345,6 +345,14 @@ def set_rng_state_all(new_states):
     set_rng_state(new_states[0])
 
 
+_stock_to_dlpack = torch.utils.dlpack.to_dlpack
+
+
+def _to_dlpack(tensor):
+    # torch's C function reads the wrapper's storage: the device tensor's own method refuses.
+    return tensor.__dlpack__() if tensor.is_cuda else _stock_to_dlpack(tensor)
+
+
 # --- torch.accelerator ---------------------------------------------------------------------------
 def current_accelerator(check_available: bool = False) -> torch.device:
     return torch.device("cuda")
@@ -463,6 +471,7 @@ def install():
     for name in torch.cuda.tunable.__all__:
         setattr(torch.cuda.tunable, name, false if name in _TUNABLE_QUERIES else _tunable(name))
     torch.Tensor.record_stream = lambda self, stream: None
+    torch.utils.dlpack.to_dlpack = torch.to_dlpack = _to_dlpack
     # nn.LSTM/GRU ask cuDNN about their weights at every forward (flatten_parameters); this build
     # has no cuDNN and would warn "compiled without cuDNN" for the virtual device's "cuda" tensors.
     # The workers pick their own kernels: the front never uses cuDNN.

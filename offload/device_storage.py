@@ -41,7 +41,9 @@ class DeviceStorage(torch.UntypedStorage):
         raise NotImplementedError("the storage of a cuda:0 tensor on the virtual device holds no "
                                   "host copy of its bytes; read them through the tensor (.cpu())")
 
-    cpu = tolist = __getitem__ = __setitem__ = copy_ = fill_ = resize_ = _refuse_contents
+    # __reduce__: torch.save(storage) pickles a storage of a type it does not list by saving it
+    # again, which recursed without end.
+    cpu = tolist = __getitem__ = __setitem__ = copy_ = fill_ = resize_ = __reduce__ = _refuse_contents
 
 
 class _AddressSpace:

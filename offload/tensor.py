@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from daemons.wire import EXT_DETACHED_REF, EXT_LEAF_REF, packed_ref
-from offload import backward_failures, session
+from offload import backward_failures, session, unsupported
 from offload.device import DEVICE
 from offload.device_storage import ADDRESSES
 
@@ -191,6 +191,15 @@ class RemoteTensor(torch.Tensor):
     def numpy(self, *args, **kwargs):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() "
                         "to copy the tensor to host memory first.")
+
+    # Consumers of these (CuPy, Numba, JAX) would take data_ptr() for an address in GPU memory.
+    def __dlpack__(self, *args, **kwargs):
+        raise unsupported.not_supported("DLPack export of a cuda:0 tensor (__dlpack__, torch.utils.dlpack.to_dlpack)")
+
+    @property
+    def __cuda_array_interface__(self):
+        # An AttributeError, as for a CPU tensor: libraries probe it with hasattr.
+        raise AttributeError(str(unsupported.not_supported("__cuda_array_interface__ of a cuda:0 tensor")))
 
     def _set_data(self, new):
         # ``param.data = t`` swaps only the TensorImpl's metadata; the wrapper's meta and remote

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import subprocess
 import sys
 import textwrap
@@ -1548,6 +1549,21 @@ def test_storages_and_data_pointers_tell_tensors_apart_as_on_cuda():
     assert weight.detach().data_ptr() == weight.data_ptr() and weight.clone().data_ptr() != weight.data_ptr()
     with pytest.raises(NotImplementedError, match="read them through the tensor"):
         weight.untyped_storage().tolist()
+    with pytest.raises(NotImplementedError, match="read them through the tensor"):
+        torch.save(weight.untyped_storage(), io.BytesIO())   # recursed without end before
+
+
+def test_gpu_memory_is_not_handed_to_other_libraries():
+    """CuPy, Numba and JAX take a CUDA tensor's memory through DLPack or the CUDA array
+    interface; they would read the device storage's address as GPU memory."""
+    x = torch.ones(3, device="cuda")
+    for export in (x.__dlpack__, lambda: torch.utils.dlpack.to_dlpack(x), lambda: torch.to_dlpack(x)):
+        with pytest.raises(RuntimeError, match=r"^DLPack export of a cuda:0 tensor .* is not supported"):
+            export()
+    assert not hasattr(x, "__cuda_array_interface__")   # what libraries probe; a CPU tensor's answer
+    with pytest.raises(AttributeError, match="__cuda_array_interface__ of a cuda:0 tensor is not supported"):
+        x.__cuda_array_interface__
+    same(torch.from_dlpack(torch.utils.dlpack.to_dlpack(torch.arange(3.0))).cuda(), torch.arange(3.0))
 
 
 def test_legacy_cuda_tensor_types():
