@@ -68,6 +68,10 @@ def _map_device_kwarg(func):
         device = kwargs.get("device")
         if device is not None:
             kwargs["device"] = map_device(device)
+        if kwargs.get("pin_memory"):
+            # Asked for because torch.cuda.is_available() (save_on_cpu's buffers): pinning is a
+            # no-op here, and this torch has no pinned allocator for the virtual device.
+            kwargs["pin_memory"] = False
         return func(*args, **kwargs)
     return with_virtual_device
 

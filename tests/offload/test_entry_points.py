@@ -174,6 +174,22 @@ def test_pin_memory_and_non_blocking_copies():
     assert torch.equal(back, host * 2)
 
 
+
+def test_activations_saved_in_pinned_host_memory():
+    """``torch.autograd.graph.save_on_cpu(pin_memory=True)`` (activation offloading) allocates its
+    host buffers with ``torch.empty(..., pin_memory=torch.cuda.is_available())``: a factory asked
+    to pin failed for want of a pinned allocator of the virtual device."""
+    model, (x, y) = mlp(), batch()
+    remote = copy.deepcopy(model).cuda()
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        loss = F.cross_entropy(remote(x.cuda()), y.cuda())
+    loss.backward()
+    F.cross_entropy(model(x), y).backward()
+    for got, want in zip(remote.parameters(), model.parameters()):
+        same(got.grad, want.grad, **FP32)
+    assert not torch.empty(2, pin_memory=True).is_pinned()   # a host tensor, as pin_memory() gives
+
+
 DATALOADER_PROGRAM = textwrap.dedent("""\
     import sys
     import torch
