@@ -102,7 +102,7 @@ class Dispatcher:
         else:
             meta_args = meta_form(args)
             try:
-                meta_out = func(*meta_args, **meta_form(kwargs))
+                meta_out = _META_KERNELS.get(func, func)(*meta_args, **meta_form(kwargs))
             except NotImplementedError:
                 return self.run_data_dependent(func, wire_args, wire_kwargs)
             except torch._subclasses.fake_tensor.DataDependentOutputException:
@@ -165,6 +165,16 @@ class Dispatcher:
         tid = session.new_id()
         session.enqueue(self.op_name(func), wire_form(list(args), []), wire_form(kwargs, []), tid)
         return RemoteTensor(meta, tid)
+
+
+def _baddbmm_meta(self, batch1, batch2, out_dtype, beta=1, alpha=1, **out):
+    args = [t.to(out_dtype) for t in (self, batch1, batch2)]
+    return (aten.baddbmm.out if out else aten.baddbmm.default)(*args, beta=beta, alpha=alpha, **out)
+
+
+# Where torch's own meta kernel is wrong: baddbmm's decomposition, registered for every overload,
+# reads the .dtype overloads' out_dtype as beta (CUDA's kernels run them).
+_META_KERNELS = dict.fromkeys((aten.baddbmm.dtype, aten.baddbmm.dtype_out), _baddbmm_meta)
 
 
 def _foreign(func, args, kwargs):

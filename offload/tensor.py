@@ -194,7 +194,8 @@ class RemoteTensor(torch.Tensor):
 
     # Consumers of these (CuPy, Numba, JAX) would take data_ptr() for an address in GPU memory.
     def __dlpack__(self, *args, **kwargs):
-        raise unsupported.not_supported("DLPack export of a cuda:0 tensor (__dlpack__, torch.utils.dlpack.to_dlpack)")
+        raise unsupported.not_supported("DLPack export of a cuda:0 tensor (__dlpack__, "
+                                        "torch.utils.dlpack.to_dlpack)")
 
     @property
     def __cuda_array_interface__(self):

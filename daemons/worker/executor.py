@@ -34,7 +34,8 @@ import logging
 import torch
 
 from daemons import wire
-from daemons.worker import conv_layout, fused_attention, fused_linear, host_memory, torch_settings
+from daemons.worker import (accumulating_matmul, conv_layout, fused_attention, fused_linear, host_memory,
+                            torch_settings)
 from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
@@ -54,7 +55,8 @@ BACKWARD_OP = "moai::backward"                # args [loss, [LeafRef], [grad or 
 # Op arguments that are their own value on the worker.
 _PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None), torch.dtype})
 # The worker's implementations of the ops no device has a kernel for, by the name a record uses.
-_KERNELS = {**fused_attention.KERNELS, **fused_linear.KERNELS, **conv_layout.KERNELS}
+_KERNELS = {**fused_attention.KERNELS, **fused_linear.KERNELS, **conv_layout.KERNELS,
+            **accumulating_matmul.KERNELS}
 # Allocations whose size is known from their arguments: checked against the cap before they run.
 _EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
 

@@ -1727,6 +1727,41 @@ def test_custom_ops_written_in_torch_ops_run_as_their_ops(reduction):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_products_with_an_output_dtype_accumulate_in_it_as_cuda_does(dtype):
+    """``torch.mm(a, b, out_dtype=torch.float32)`` and its bmm/addmm/baddbmm kin exist for CUDA
+    only: a CPU worker failed them at the next sync. It computes them from the inputs converted
+    exactly to the output dtype."""
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = (torch.randn(*shape, generator=g).to(dtype) for shape in ((5, 7), (7, 3), (5, 3)))
+    ba, bb, bbias = (torch.randn(*shape, generator=g).to(dtype) for shape in ((2, 5, 7), (2, 7, 3), (2, 5, 3)))
+    f32 = torch.float32
+    da, db, dbias, dba, dbb, dbbias = (t.cuda() for t in (a, b, bias, ba, bb, bbias))
+    same(torch.mm(da, db, out_dtype=f32), a.float() @ b.float())
+    same(torch.bmm(dba, dbb, out_dtype=f32), ba.float() @ bb.float())
+    same(torch.addmm(dbias.float(), da, db, out_dtype=f32, beta=0.5, alpha=2.0),
+         torch.addmm(bias.float(), a.float(), b.float(), beta=0.5, alpha=2.0))
+    same(torch.baddbmm(dbbias.float(), dba, dbb, out_dtype=f32, alpha=0.25),
+         torch.baddbmm(bbias.float(), ba.float(), bb.float(), alpha=0.25))
+    out = torch.empty(5, 3, device="cuda")
+    assert torch.mm(da, db, out_dtype=f32, out=out) is out
+    same(out, a.float() @ b.float())
+    same(torch.mm(da, db, out_dtype=dtype), a @ b)
+
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+    x, w = (torch.randn(*shape, generator=g) for shape in ((64, 8), (100, 8)))
+    target = torch.randint(0, 100, (64,), generator=g)
+    dx, dw = (t.to(dtype).cuda().requires_grad_() for t in (x, w))
+    # On CUDA in bfloat16 its default options accumulate the gradients with out_dtype products.
+    loss = F.linear_cross_entropy(dx, dw, target.cuda(), options=LinearCrossEntropyOptions())
+    loss.backward()
+    rx, rw = x.requires_grad_(), w.requires_grad_()
+    F.cross_entropy(F.linear(rx.to(dtype), rw.to(dtype)).float(), target).backward()
+    torch.testing.assert_close(loss.float().cpu(), F.cross_entropy(F.linear(x, w), target).detach(), rtol=0.02, atol=0)
+    torch.testing.assert_close(dx.grad.float().cpu(), rx.grad, rtol=0.02, atol=2e-3)
+    torch.testing.assert_close(dw.grad.float().cpu(), rw.grad, rtol=0.02, atol=2e-3)
+
+
 def test_a_custom_op_with_cuda_kernels_only_is_refused_at_its_call():
     from offload.unsupported import DirectCudaError
 
