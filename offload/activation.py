@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from offload import (autocast, backward_failures, cuda_facade, device, device_mapping, dispatch,
                      distributed, eager_compile, optimizer_params, profiler, remote_backward,
-                     serialization, torch_settings)
+                     serialization, torch_settings, torchscript)
 
 _active = False
 
@@ -25,6 +25,7 @@ def activate():
     cuda_facade.install()
     autocast.install()
     serialization.install()
+    torchscript.install()
     dispatch.install_upload_hints()
     optimizer_params.install()
     remote_backward.install()

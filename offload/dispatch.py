@@ -22,7 +22,7 @@ import torch
 from daemons.wire import RemoteRef
 from daemons.worker import conv_layout
 from daemons.worker.executor import runnable
-from offload import generators, parameter_swap, unsupported
+from offload import generators, parameter_swap, torchscript, unsupported
 from offload import session as sessions
 from offload import sync_debug
 from offload.device import DEVICE
@@ -555,7 +555,11 @@ def install_upload_hints():
                 return original(self, *args, **kwargs)
             places = [(m, name, p) for m in self.modules() for name, p in m._parameters.items()
                       if p is not None]
-            result = original(self, *args, **kwargs)
+            try:
+                result = original(self, *args, **kwargs)
+            except AssertionError as e:
+                torchscript.refuse_moving(self, e)
+                raise
             parameter_swap.keep_identities(places)
             return result
         finally:

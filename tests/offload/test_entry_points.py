@@ -1762,6 +1762,29 @@ def test_products_with_an_output_dtype_accumulate_in_it_as_cuda_does(dtype):
     torch.testing.assert_close(dw.grad.float().cpu(), rw.grad, rtol=0.02, atol=2e-3)
 
 
+def test_torchscript_runs_on_the_device_and_its_archives_stay_on_the_host():
+    model, (x, _) = mlp(), batch()
+    for make in (torch.jit.script, lambda m: torch.jit.trace(m, x.to(next(m.parameters()).device))):
+        native, remote = make(copy.deepcopy(model)), make(copy.deepcopy(model).cuda())
+        native(x).square().sum().backward()
+        remote(x.cuda()).square().sum().backward()
+        for got, want in zip(remote.parameters(), native.parameters()):
+            same(got.grad, want.grad, **FP32)
+    archive = io.BytesIO()
+    torch.jit.save(torch.jit.script(copy.deepcopy(model)), archive)
+    with pytest.raises(NotImplementedError, match=r"torch\.jit\.save of a module with cuda:0 tensors"):
+        torch.jit.save(torch.jit.script(copy.deepcopy(model).cuda()), io.BytesIO())
+    for location in ("cuda", torch.device("cuda:0")):
+        archive.seek(0)
+        with pytest.raises(NotImplementedError, match=r"torch\.jit\.load\(map_location='cuda(:0)?'\): TorchScript"):
+            torch.jit.load(archive, map_location=location)
+    archive.seek(0)
+    loaded = torch.jit.load(archive, map_location="cpu")
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(NotImplementedError, match="moving a TorchScript module to cuda:0"):
+        loaded.cuda()
+
+
 def test_a_custom_op_with_cuda_kernels_only_is_refused_at_its_call():
     from offload.unsupported import DirectCudaError
 
