@@ -87,8 +87,13 @@ class RemoteTensor(torch.Tensor):
     def __new__(cls, meta: torch.Tensor, tid: int | Handle, requires_grad: bool = False):
         """A wrapper of remote tensor ``tid``, or a second wrapper of one through its ``Handle``
         (``detach``: the remote tensor is freed with the last of them)."""
-        return cls._wrap(meta, meta.shape, meta.stride(), meta.storage_offset(), meta.dtype,
-                         tid if isinstance(tid, Handle) else Handle(tid), requires_grad)
+        t = cls._wrap(meta, meta.shape, meta.stride(), meta.storage_offset(), meta.dtype,
+                      tid if isinstance(tid, Handle) else Handle(tid), requires_grad)
+        if meta.is_conj():
+            torch._C._set_conj(t, True)
+        if meta.is_neg():
+            torch._C._set_neg(t, True)
+        return t
 
     @classmethod
     def described(cls, meta: torch.Tensor, shape: tuple, stride: tuple, offset: int, dtype: torch.dtype,

@@ -64,6 +64,28 @@ def test_views_and_in_place_through_views(dev):
     same(view, ref_view)
 
 
+def test_conjugate_and_negative_views_carry_their_bits(dev):
+    """``x.conj()`` is a view with the conjugate bit, its ``.imag`` one with the negative bit. A
+    device tensor lacked the bits its meta had, so torch's C++ took the wrong branch: ``.imag`` of
+    a conjugate view raised, and so did hfft's backward, which resolves one."""
+    x, y = torch.randn(6, dtype=torch.complex64), torch.randn(6, dtype=torch.complex64)
+    c, rc = x.conj(), x.to(dev).conj()
+    assert rc.is_conj() and rc.imag.is_neg() and not rc.resolve_conj().is_conj()
+    same(rc.imag * 2, c.imag * 2)
+    same(rc.imag.resolve_neg(), c.imag.resolve_neg())
+    same(rc.resolve_conj(), c.resolve_conj())
+    same(rc * y.to(dev), c * y)
+    same(torch.vdot(x.to(dev), y.to(dev)), torch.vdot(x, y))
+    same(torch.view_as_real(rc.resolve_conj()), torch.view_as_real(c.resolve_conj()))
+
+    def hfft_gradient(device):
+        r = torch.arange(20.0).reshape(4, 5).div(7).to(device).requires_grad_()
+        torch.fft.hfft(torch.fft.rfft(r), n=7).pow(2).sum().backward()
+        return r.grad
+
+    same(hfft_gradient(dev), hfft_gradient("cpu"), rtol=1e-5, atol=1e-4)
+
+
 def test_expanded_scalars_come_back_and_go_up(dev):
     """One element seen through strides of 0 (``expand_as`` of a scalar): its download once took
     the worker down, its reply failing to encode."""

@@ -33,8 +33,6 @@ KNOWN = {
     "tensor_split": "its samples pass the indices as a tensor, which torch wants on the CPU (CUDA refuses too)",
     "as_strided.partial_views": "its samples read storage outside the view they pass, which no copy to "
                                 "another device keeps (a CUDA copy neither)",
-    "fft.hfft": "a device tensor does not carry its meta's conjugate bit: hfft's backward, which resolves "
-                "it, raises (issue noted at stop 17)",
 }
 # Samples per operator: float32 the most; integers and complex128 (whose 16-byte elements a
 # received frame may misalign) one each.
