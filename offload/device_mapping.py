@@ -125,6 +125,15 @@ def _device_context_init(original):
     return __init__
 
 
+def _get_default_device(original):
+    @functools.wraps(original)
+    def get_default_device():
+        device = original()
+        # The context holds the virtual device; the program named, and sees everywhere, cuda:0.
+        return torch.device("cuda", device.index) if device == virtual_device() else device
+    return get_default_device
+
+
 def _patch(owner, name, replacement):
     _originals.setdefault((owner, name), vars(owner).get(name, _MISSING))
     setattr(owner, name, replacement)
@@ -158,6 +167,7 @@ def install():
     # torch.set_default_device("cuda") and `with torch.device("cuda"):` build a DeviceContext.
     context = torch.utils._device.DeviceContext
     _patch(context, "__init__", _device_context_init(context.__init__))
+    _patch(torch, "get_default_device", _get_default_device(torch.get_default_device))
 
 
 def uninstall():

@@ -655,13 +655,14 @@ def test_device_strings_default_device_and_memory_queries():
     with torch.device("cuda"):
         made = torch.ones(2, 3)
         layer = nn.Linear(3, 2)
+        assert torch.get_default_device() == torch.device("cuda", 0)
     assert made.is_cuda and layer.weight.is_cuda
     torch.set_default_device("cuda")
     try:
-        assert torch.zeros(2).device == torch.device("cuda", 0)
+        assert torch.zeros(2).device == torch.device("cuda", 0) == torch.get_default_device()
     finally:
         torch.set_default_device(None)
-    assert torch.zeros(2).device.type == "cpu"
+    assert torch.zeros(2).device.type == "cpu" and torch.get_default_device() == torch.device("cpu")
     on = torch.arange(6, device=torch.device("cuda:0")).view(2, 3)
     same(on.to(made.device, torch.float32) + made, torch.arange(6.0).view(2, 3) + 1)
 
