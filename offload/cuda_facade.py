@@ -23,7 +23,7 @@ import torch.cuda.nvtx
 import torch.cuda.random
 import torch.nn.parallel._functions
 
-from offload import cuda_streams, sync_debug, unsupported
+from offload import cuda_streams, generators, sync_debug, unsupported
 from offload.device_mapping import map_device
 
 DEVICE_NAME_PREFIX = "MoAI Accelerator"
@@ -449,6 +449,9 @@ def install():
             if name in vars(module) and name != "is_initialized":
                 setattr(module, name, value)
     torch.cuda.memory.memory_stats_as_nested_dict = memory_stats_as_nested_dict
+    torch.cuda.default_generators = (generators.DefaultDeviceGenerator(),)
+    torch.Stream = cuda_streams.device_agnostic(torch.Stream, cuda_streams.Stream, takes_device=True)
+    torch.Event = cuda_streams.device_agnostic(torch.Event, cuda_streams.Event, takes_device=False)
     # torch's own _dump_snapshot reads _snapshot in its module.
     torch.cuda.memory._snapshot, torch.cuda.memory.memory_snapshot = _snapshot, memory_snapshot
     torch.cuda.memory._record_memory_history = _record_memory_history

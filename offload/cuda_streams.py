@@ -132,6 +132,31 @@ class StreamContext(contextlib.AbstractContextManager):
         return None
 
 
+class _DeviceAgnosticType(type):
+    """``torch.Stream`` / ``torch.Event``: their objects, and this device's, are instances."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, (cls._stock, cls._device_class))
+
+    def __subclasscheck__(cls, subclass) -> bool:
+        return issubclass(subclass, (cls._stock, cls._device_class))
+
+
+def device_agnostic(stock: type, device_class: type, takes_device: bool) -> type:
+    """``torch.Stream`` / ``torch.Event`` as programs call them: for ``cuda`` or the current
+    accelerator (no device), the virtual device's; torch's own events on it cannot synchronize
+    ("Backend doesn't support synchronizing events"). Any other device gets the stock type's."""
+    from offload.device_mapping import map_device, virtual_device
+
+    def __new__(cls, device=None, *args, **kwargs):
+        if device is None or torch.device(map_device(device)) == virtual_device():
+            return device_class(device, *args, **kwargs) if takes_device else device_class(*args, **kwargs)
+        return stock(device, *args, **kwargs)
+    return _DeviceAgnosticType(stock.__name__, (), {
+        "__new__": __new__, "_stock": stock, "_device_class": device_class,
+        "__module__": stock.__module__, "__qualname__": stock.__qualname__, "__doc__": stock.__doc__})
+
+
 _GRAPHS = "CUDA graphs (torch.cuda.graph / CUDAGraph / make_graphed_callables)"
 cuda_graph = refusing(_GRAPHS)
 

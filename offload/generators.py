@@ -83,6 +83,28 @@ class DeviceGenerator(_C_GENERATOR):
             self._session.release_id(self._id)
 
 
+class DefaultDeviceGenerator(DeviceGenerator):
+    """``torch.cuda.default_generators[0]``: the device's default generator, which
+    ``torch.cuda.manual_seed`` and ``get_rng_state`` act on and ops given no generator draw from."""
+
+    def wire_ref(self):
+        return None   # a record naming no generator draws from the default one
+
+    def manual_seed(self, seed) -> DefaultDeviceGenerator:
+        torch.cuda.manual_seed(seed)
+        return self
+
+    def initial_seed(self) -> int:
+        return torch.cuda.initial_seed()
+
+    def get_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state()
+
+    def set_state(self, new_state: torch.Tensor) -> DefaultDeviceGenerator:
+        torch.cuda.set_rng_state(new_state)
+        return self
+
+
 class _GeneratorType(type(_C_GENERATOR)):
     def __instancecheck__(cls, obj) -> bool:
         return isinstance(obj, _C_GENERATOR)

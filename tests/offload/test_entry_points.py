@@ -1361,6 +1361,39 @@ def test_stream_queries_and_synchronize():
     same(c, torch.full((3,), 5.0))
 
 
+def test_device_agnostic_streams_and_events():
+    """``torch.Event`` / ``torch.Stream`` (torch's names for any accelerator): on the virtual
+    device torch's own events could not synchronize, and ``"cuda"`` named a CUDA build's."""
+    start, end = torch.Event(enable_timing=True), torch.Event(device="cuda", enable_timing=True)
+    start.record()
+    c = torch.ones(3, device="cuda") * 5
+    end.record()
+    end.synchronize()
+    assert start.elapsed_time(end) >= 0 and end.query()
+    same(c, torch.full((3,), 5.0))
+    stream = torch.Stream()
+    assert stream.device == torch.device("cuda", 0) and stream == torch.Stream("cuda")
+    stream.wait_event(end)
+    stream.synchronize()
+    for obj, kind in ((start, torch.Event), (torch.cuda.Event(), torch.Event), (stream, torch.Stream),
+                      (torch.cuda.current_stream(), torch.Stream), (torch.Stream("cpu"), torch.Stream)):
+        assert isinstance(obj, kind)
+
+
+def test_the_default_generator_of_the_device():
+    """``torch.cuda.default_generators[0]`` (seeding and state code indexes it) is the generator
+    ``torch.cuda.manual_seed`` seeds and ops given none draw from; the tuple was empty."""
+    (default,) = torch.cuda.default_generators
+    assert isinstance(default, torch.Generator) and default.device == torch.device("cuda", 0)
+    default.manual_seed(3)
+    assert default.initial_seed() == 3
+    same(torch.rand(3, device="cuda"), torch.rand(3, generator=torch.Generator().manual_seed(3)))
+    state = default.get_state()
+    drawn = torch.rand(4, device="cuda", generator=default)
+    default.set_state(state)
+    same(torch.rand(4, device="cuda"), drawn.cpu())
+
+
 # --- 13. autograd hooks and out= ops (views and in-place ops: test_offload_ops.py) ------------------
 def test_tensor_and_module_hooks():
     def run(model, dev):
