@@ -517,6 +517,9 @@ def copy_(func, args, kwargs):
     if isinstance(dst, RemoteTensor) and isinstance(src, RemoteTensor):
         return DISPATCHER.run(func, args, kwargs)
     if isinstance(dst, RemoteTensor):
+        if src.shape != dst.shape:
+            # torch's own check and message, at the call (the worker would find it at the next sync)
+            torch.empty(dst.shape, device=META).copy_(torch.empty(src.shape, device=META))
         upload(dst, src, non_blocking)
         return dst
     sync_debug.check()

@@ -140,6 +140,10 @@ def test_item_cpu_and_copies(dev):
     rb = torch.zeros(3, 3, device=dev)
     rb.copy_(a.t())  # a non-contiguous upload into an existing tensor
     same(rb, a.t().contiguous())
+    rb[0].copy_(torch.tensor(7.0))   # broadcast, as torch's copy_ does
+    with pytest.raises(RuntimeError, match=r"^The size of tensor a \(3\) must match the size of tensor b \(2\)"):
+        rb.copy_(torch.ones(3, 2))   # refused at the call, as on CUDA (the worker found it at the next sync)
+    same(rb, torch.cat([torch.full((1, 3), 7.0), a.t()[1:]]))
     same(torch.full((2, 2), 5, device=dev), torch.full((2, 2), 5))
     same(torch.arange(10, device=dev), torch.arange(10))
 
