@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 import weakref
 
 import torch
@@ -86,7 +87,31 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
                                            backward_hooks, metadata)
     host = _original_rebuild_tensor_v2(storage, storage_offset, size, stride, False,
                                        backward_hooks, metadata)
+    if getattr(untyped, "_torch_load_uninitialized", False):
+        # The legacy format (_use_new_zipfile_serialization=False) reads the bytes into the
+        # storages after unpickling: the device tensor is filled then (_legacy_load below).
+        device_tensor = torch.empty_like(host, device=virtual_device())
+        _legacy_fills.pending.append((device_tensor, host))
+        return device_tensor.requires_grad_(requires_grad)
     return host.to(virtual_device()).requires_grad_(requires_grad)
+
+
+_original_legacy_load = torch.serialization._legacy_load
+_legacy_fills = threading.local()
+
+
+@functools.wraps(_original_legacy_load)
+def _legacy_load(*args, **kwargs):
+    outer = getattr(_legacy_fills, "pending", None)
+    _legacy_fills.pending = []
+    try:
+        result = _original_legacy_load(*args, **kwargs)
+        with torch.no_grad():
+            for device_tensor, host in _legacy_fills.pending:
+                device_tensor.copy_(host)
+        return result
+    finally:
+        _legacy_fills.pending = outer
 
 
 def _storage_cuda(self, device=None, non_blocking=False):
@@ -108,3 +133,4 @@ def install():
     torch.Tensor.__reduce_ex__ = _reduce_ex
     torch.serialization.register_package(REGISTRY_PRIORITY, _tag, _deserialize)
     torch._utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+    torch.serialization._legacy_load = _legacy_load

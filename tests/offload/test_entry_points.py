@@ -514,6 +514,27 @@ def test_save_and_load_tensors_and_state_dicts(tmp_path):
     same(fresh(x.cuda()), local(x), **FP32)
 
 
+def test_the_legacy_checkpoint_format_loads_the_saved_numbers(tmp_path):
+    """``_use_new_zipfile_serialization=False`` (checkpoints of torch < 1.6 and code that still
+    writes them): torch reads their bytes after unpickling, and device tensors were uploaded
+    before that, uninitialized."""
+    a, model = torch.randn(3, 4), mlp()
+    remote = copy.deepcopy(model).cuda()
+    torch.save({"t": a.cuda(), "row": a.cuda()[1], "host": a, "state": remote.state_dict()},
+               tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(a, tmp_path / "host_legacy.pt", _use_new_zipfile_serialization=False)
+    for kwargs in ({}, {"weights_only": True}, {"map_location": "cuda"},
+                   {"map_location": lambda storage, loc: storage.cuda()}):
+        loaded = torch.load(tmp_path / "legacy.pt", **kwargs)
+        same(loaded["t"], a)
+        same(loaded["row"], a[1])
+        for (name, ref), (key, got) in zip(model.state_dict().items(), loaded["state"].items()):
+            assert name == key
+            same(got, ref)
+    assert torch.equal(torch.load(tmp_path / "legacy.pt", map_location="cpu")["t"], a)
+    same(torch.load(tmp_path / "host_legacy.pt", map_location="cuda"), a)
+
+
 def test_save_a_whole_module_and_load_it_back(tmp_path):
     local = mlp()
     remote = copy.deepcopy(local).cuda()
