@@ -1812,7 +1812,8 @@ def test_products_with_an_output_dtype_accumulate_in_it_as_cuda_does(dtype):
     loss.backward()
     rx, rw = x.requires_grad_(), w.requires_grad_()
     F.cross_entropy(F.linear(rx.to(dtype), rw.to(dtype)).float(), target).backward()
-    torch.testing.assert_close(loss.float().cpu(), F.cross_entropy(F.linear(x, w), target).detach(), rtol=0.02, atol=0)
+    reference = F.cross_entropy(F.linear(x, w), target).detach()
+    torch.testing.assert_close(loss.float().cpu(), reference, rtol=0.02, atol=0)
     torch.testing.assert_close(dx.grad.float().cpu(), rx.grad, rtol=0.02, atol=2e-3)
     torch.testing.assert_close(dw.grad.float().cpu(), rw.grad, rtol=0.02, atol=2e-3)
 
@@ -1831,7 +1832,8 @@ def test_torchscript_runs_on_the_device_and_its_archives_stay_on_the_host():
         torch.jit.save(torch.jit.script(copy.deepcopy(model).cuda()), io.BytesIO())
     for location in ("cuda", torch.device("cuda:0")):
         archive.seek(0)
-        with pytest.raises(NotImplementedError, match=r"torch\.jit\.load\(map_location='cuda(:0)?'\): TorchScript"):
+        with pytest.raises(NotImplementedError,
+                           match=r"torch\.jit\.load\(map_location='cuda(:0)?'\): TorchScript"):
             torch.jit.load(archive, map_location=location)
     archive.seek(0)
     loaded = torch.jit.load(archive, map_location="cpu")

@@ -3,8 +3,8 @@
 torch describes its operators (``op_db``: OpInfo, with sample inputs), modules (``module_db``) and
 optimizers (``optim_db``) for its own tests. Each sample here runs on the device, as a program
 would call it, and on the CPU; results (and gradients) must agree. Sweeping them found failures
-that no hand-written test had (two crashes of the program, one of the worker). Bounded: float32 with a
-few samples per operator, int64 and complex128 with one, about four minutes.
+that no hand-written test had (two crashes of the program, one of the worker). Bounded: float32
+with a few samples per operator, int64 and complex128 with one, about four minutes.
 
 What cannot agree is listed in ``KNOWN`` with the reason; anything else that fails fails the test.
 """
@@ -118,7 +118,9 @@ def _ops(op_db, dtype=torch.float32, autograd=False):
 
 
 def _close(tol):
-    return lambda got, expected: torch.testing.assert_close(got, expected, equal_nan=True, check_device=False, **tol)
+    def close(got, expected):
+        torch.testing.assert_close(got, expected, equal_nan=True, check_device=False, **tol)
+    return close
 
 
 @pytest.mark.parametrize("dtype", list(FORWARD_SAMPLES), ids=str)
