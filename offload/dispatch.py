@@ -576,16 +576,23 @@ def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
     session = sessions.current()
     shard = upload_hint(src)
     src = src.detach()
+    data = src.contiguous()
+    if non_blocking and data.data_ptr() == src.data_ptr():
+        # The message would read the program's memory when it leaves. Pinning is a no-op here, so
+        # this is a copy from pageable memory, which CUDA has read before it returns: the program
+        # may refill the buffer at once (a reused batch buffer, a NumPy array an environment
+        # writes). So the bytes are taken now.
+        data = data.clone()
     exact = src.shape == dst.shape and src.dtype == dst.dtype and dst._meta.is_contiguous()
     if exact and session.drop_fresh_allocation(dst._handle.id):
         # ``.to(device)`` is empty + copy_: the tensor can simply arrive as the allocation. A
         # non-contiguous source (``window[:, :-1]``) is made contiguous here rather than copied
         # on the device: a copy into a device allocation would take the allocation's placement
         # (replicated) and lose the hint.
-        session.put(dst._handle.id, src.contiguous(), wait_sent=not non_blocking, shard=shard)
+        session.put(dst._handle.id, data, wait_sent=not non_blocking, shard=shard)
         return
     staging = session.new_id()
-    session.put(staging, src, wait_sent=not non_blocking, shard=shard)
+    session.put(staging, data, wait_sent=not non_blocking, shard=shard)
     session.enqueue("aten::copy_", [RemoteRef(dst._handle.id), RemoteRef(staging)], {}, dst._handle.id)
     session.release_id(staging)
 

@@ -175,6 +175,24 @@ def test_pin_memory_and_non_blocking_copies():
 
 
 
+def test_a_non_blocking_upload_takes_the_bytes_before_it_returns():
+    """A program may refill its host buffer right after ``.to("cuda", non_blocking=True)``: from
+    pageable memory (all of the front's; pinning is a no-op) CUDA has read it by then. The message
+    read the buffer when it left, so a reused buffer of a few MiB arrived partly refilled."""
+    n = 1 << 21   # 8 MiB: zmq sends it from the program's memory, without a copy of its own
+    buffer, uploads = torch.empty(n), []
+    for i in range(3):
+        buffer.fill_(float(i))
+        uploads.append(buffer.to("cuda", non_blocking=True))
+    target = torch.empty(n, device="cuda")
+    target.copy_(buffer, non_blocking=True)
+    buffer.fill_(7.0)
+    torch.cuda.synchronize()
+    for i, up in enumerate(uploads):
+        assert up.min().item() == up.max().item() == float(i)
+    assert target.min().item() == target.max().item() == 2.0
+
+
 def test_activations_saved_in_pinned_host_memory():
     """``torch.autograd.graph.save_on_cpu(pin_memory=True)`` (activation offloading) allocates its
     host buffers with ``torch.empty(..., pin_memory=torch.cuda.is_available())``: a factory asked
