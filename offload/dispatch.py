@@ -572,6 +572,9 @@ def install_upload_hints():
     torch.nn.Module._apply = _apply
 
 
+_SNAPSHOT_BYTES = 64 << 20
+
+
 def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
     session = sessions.current()
     shard = upload_hint(src)
@@ -581,8 +584,12 @@ def upload(dst: RemoteTensor, src: torch.Tensor, non_blocking: bool):
         # The message would read the program's memory when it leaves. Pinning is a no-op here, so
         # this is a copy from pageable memory, which CUDA has read before it returns: the program
         # may refill the buffer at once (a reused batch buffer, a NumPy array an environment
-        # writes). So the bytes are taken now.
-        data = data.clone()
+        # writes). So the bytes are taken now: copied, or for a large tensor (a model's weight,
+        # whose copy would double the host memory it takes) sent before returning.
+        if data.nbytes <= _SNAPSHOT_BYTES:
+            data = data.clone()
+        else:
+            non_blocking = False
     exact = src.shape == dst.shape and src.dtype == dst.dtype and dst._meta.is_contiguous()
     if exact and session.drop_fresh_allocation(dst._handle.id):
         # ``.to(device)`` is empty + copy_: the tensor can simply arrive as the allocation. A

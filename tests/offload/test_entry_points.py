@@ -191,6 +191,11 @@ def test_a_non_blocking_upload_takes_the_bytes_before_it_returns():
     for i, up in enumerate(uploads):
         assert up.min().item() == up.max().item() == float(i)
     assert target.min().item() == target.max().item() == 2.0
+    large = torch.zeros(80 << 18)   # 80 MiB: sent before the call returns rather than copied
+    uploaded = large.to("cuda", non_blocking=True)
+    large.fill_(1.0)
+    assert uploaded.max().item() == 0.0
+    del uploaded
 
 
 def test_activations_saved_in_pinned_host_memory():
