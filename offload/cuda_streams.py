@@ -146,10 +146,10 @@ def device_agnostic(stock: type, device_class: type, takes_device: bool) -> type
     """``torch.Stream`` / ``torch.Event`` as programs call them: for ``cuda`` or the current
     accelerator (no device), the virtual device's; torch's own events on it cannot synchronize
     ("Backend doesn't support synchronizing events"). Any other device gets the stock type's."""
-    from offload.device_mapping import map_device, virtual_device
+    from offload.device_mapping import is_virtual
 
     def __new__(cls, device=None, *args, **kwargs):
-        if device is None or torch.device(map_device(device)) == virtual_device():
+        if device is None or is_virtual(device):
             return device_class(device, *args, **kwargs) if takes_device else device_class(*args, **kwargs)
         return stock(device, *args, **kwargs)
     return _DeviceAgnosticType(stock.__name__, (), {

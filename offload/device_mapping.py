@@ -62,6 +62,11 @@ def map_device(device):
     return virtual_device()
 
 
+def is_virtual(device) -> bool:
+    """Whether ``device`` (a name, a ``torch.device``, a CUDA ordinal) is the virtual device."""
+    return torch.device(map_device(device)) == virtual_device()
+
+
 def _map_device_kwarg(func):
     @functools.wraps(func)
     def with_virtual_device(*args, **kwargs):
@@ -86,8 +91,8 @@ def _refusing_the_device(func):
     @functools.wraps(func)
     def nested_constructor(*args, **kwargs):
         device = kwargs.get("device")
-        if (device is not None and torch.device(map_device(device)) == virtual_device()) \
-                or _on_the_device(args) or _on_the_device(list(kwargs.values())):
+        if (device is not None and is_virtual(device)) or _on_the_device(args) \
+                or _on_the_device(list(kwargs.values())):
             raise NotImplementedError(
                 f"torch.nested.{func.__name__}: nested tensors are not supported on the virtual cuda:0 "
                 "device; keep them on the CPU, or pad them into dense tensors")

@@ -22,7 +22,7 @@ import inspect
 import torch
 import torch.distributed as dist
 
-from offload.device_mapping import map_device, virtual_device
+from offload.device_mapping import is_virtual
 from offload.dispatch import DISPATCHER
 
 c10d = torch.ops.c10d
@@ -42,8 +42,7 @@ def _with_device_backend(original):
         bound = signature.bind(*args, **kwargs)
         bound.arguments["backend"] = _backend(bound.arguments.get("backend"))
         device_id = bound.arguments.get("device_id")
-        if device_id is not None and map_device(torch.device("cuda", device_id) if isinstance(device_id, int)
-                                                else device_id) == virtual_device():
+        if device_id is not None and is_virtual(device_id):   # an int is a CUDA ordinal
             del bound.arguments["device_id"]
         return original(*bound.args, **bound.kwargs)
     return call

@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.jit
 
-from offload.device_mapping import map_device, virtual_device
+from offload.device_mapping import is_virtual
 
 _ON_THE_HOST = ("TorchScript archives are saved and loaded on the CPU on the virtual device, and a "
                 "loaded TorchScript module runs there; script or trace the Python module on cuda "
@@ -25,7 +25,7 @@ _ON_THE_HOST = ("TorchScript archives are saved and loaded on the CPU on the vir
 def _load(original):
     @functools.wraps(original)
     def load(f, map_location=None, *args, **kwargs):
-        if map_location is not None and torch.device(map_device(map_location)) == virtual_device():
+        if map_location is not None and is_virtual(map_location):
             raise NotImplementedError(f"torch.jit.load(map_location={str(map_location)!r}): {_ON_THE_HOST}")
         return original(f, map_location, *args, **kwargs)
     return load

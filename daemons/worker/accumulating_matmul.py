@@ -17,8 +17,8 @@ _PRODUCTS = ("mm", "bmm", "addmm", "baddbmm")
 
 
 def _kernel(name: str, overload: str) -> Kernel:
-    op = getattr(getattr(aten, name), overload)
     packet = getattr(aten, name)
+    op = getattr(packet, overload)
 
     def product(*args, **kwargs):
         # (self, mat2, out_dtype) or (self, mat1, mat2, out_dtype); beta, alpha, out by keyword.
