@@ -37,3 +37,13 @@ def dev(tmp_path_factory):
     finally:
         session.close()
         w.stop()
+
+
+@pytest.fixture(scope="module")
+def activated(dev):
+    """The layer switched on as ``import torch`` does it in a user's process (idempotent), for a
+    module's tests: ``pytestmark = pytest.mark.usefixtures("activated")``."""
+    from offload import activation, device_mapping
+
+    activation.activate()
+    device_mapping.install()  # again: a fixture of test_offload_training.py uninstalls it

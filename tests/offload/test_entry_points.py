@@ -24,17 +24,7 @@ from torch import nn
 from daemons.loopback_ports import free_port
 from worker_fixture import REPO_ROOT, SECRET, clean_env, start_worker
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def active(dev):
-    """The layer switched on as ``import torch`` does it in a user's process (idempotent)."""
-    from offload import activation, device_mapping
-
-    activation.activate()
-    device_mapping.install()  # again: a fixture of test_offload_training.py uninstalls it
-    yield
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("activated")]
 
 
 def same(remote, local, **tol):

@@ -14,19 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("activated")]
 
 BACKWARD = "moai::backward"
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def active(dev):
-    from offload import activation, device_mapping
-
-    activation.activate()
-    device_mapping.install()
-    yield
 
 
 @pytest.fixture

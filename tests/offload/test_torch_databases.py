@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("activated")]
 
 # Operators that draw random numbers or return uninitialized memory: not comparable sample by sample.
 RANDOM = ("rand", "normal", "bernoulli", "multinomial", "dropout", "uniform", "exponential", "geometric",
@@ -38,15 +38,6 @@ KNOWN = {
 # received frame may misalign) one each.
 FORWARD_SAMPLES = {torch.float32: 3, torch.int64: 1, torch.complex128: 1}
 GRADIENT_SAMPLES = 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def active(dev):
-    from offload import activation, device_mapping
-
-    activation.activate()
-    device_mapping.install()  # again: a fixture of test_offload_training.py uninstalls it
-    yield
 
 
 @pytest.fixture(scope="module")
