@@ -38,11 +38,11 @@ import weakref
 import torch
 from torch.autograd.function import BackwardCFunction
 
+from daemons.worker.pseudo_ops import BACKWARD_OP
 from offload import session as sessions
 from offload.linear import _Linear
 from offload.tensor import LeafHandle, RemoteTensor
 
-BACKWARD_OP = "moai::backward"
 _ACCUMULATE_GRAD = type(torch.empty(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
 _OWN_FUNCTIONS = frozenset({_Linear._backward_cls})   # custom Functions the worker's graph has too
 _saved_names: dict[type, tuple[str, ...]] = {}        # node type -> its saved tensors' attributes

@@ -18,7 +18,7 @@ import torch
 
 from daemons import config
 from daemons.wire import RemoteRef
-from daemons.worker.executor import GENERATOR_OP, GET_RNG_STATE_OP, SEED_OP, SET_RNG_STATE_OP
+from daemons.worker.pseudo_ops import GENERATOR_OP, GET_RNG_STATE_OP, SEED_OP, SET_RNG_STATE_OP
 from offload import interrupt
 from offload.job import Job
 from offload.stream import MemoryProbe, Stream

@@ -23,7 +23,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from daemons import wire
-from daemons.worker.executor import GRAD_MODE_OP
+from daemons.worker.pseudo_ops import GRAD_MODE_OP
 
 # A batch leaves when the next record finds it this full or this old (docs/PERFORMANCE.md): the
 # age bound lets the workers compute while the front is still tracing a step, the count bound

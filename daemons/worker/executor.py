@@ -36,6 +36,8 @@ import torch
 from daemons import wire
 from daemons.worker import (accumulating_matmul, conv_layout, fused_attention, fused_linear, host_memory,
                             torch_settings)
+from daemons.worker.pseudo_ops import (BACKWARD_OP, GENERATOR_OP, GET_RNG_STATE_OP, GRAD_MODE_OP,
+                                       SEED_OP, SET_RNG_STATE_OP)
 from daemons.worker.spec import WorkerSpec
 
 log = logging.getLogger("moai.worker.executor")
@@ -43,15 +45,6 @@ log = logging.getLogger("moai.worker.executor")
 # Only operator libraries made of plain tensor math may be named by a front; anything else
 # (custom C++ ops, torch.ops.profiler ...) is refused rather than looked up.
 ALLOWED_NAMESPACES = ("aten", "prims")
-# Pseudo-ops the front sends inside the stream, so they keep their order relative to real ops.
-# The RNG records name a generator of a program's own (a GeneratorRef) after their other
-# arguments; without one they are about the device's default generator.
-GENERATOR_OP = "moai::generator"              # args [seed]; out: a fresh id for a new generator
-SEED_OP = "moai::manual_seed"                 # args [seed, GeneratorRef?]
-GET_RNG_STATE_OP = "moai::get_rng_state"      # args [GeneratorRef?]; out: a fresh id for its state
-SET_RNG_STATE_OP = "moai::set_rng_state"      # args [RemoteRef(state), GeneratorRef?]
-GRAD_MODE_OP = "moai::grad_mode"              # args [enabled]: torch's grad mode for the ops after it
-BACKWARD_OP = "moai::backward"                # args [loss, [LeafRef], [grad or None]]; out: grad ids
 # Op arguments that are their own value on the worker.
 _PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None), torch.dtype})
 # The worker's implementations of the ops no device has a kernel for, by the name a record uses.
