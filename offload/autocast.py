@@ -110,9 +110,13 @@ def _register_kernels(library: torch.library.Library):
 
 
 def _autocast_init(self, device_type, *args, **kwargs):
-    if device_type == "cuda":
-        device_type = torch._C._get_privateuse1_backend_name()
-    _original_autocast_init(self, device_type, *args, **kwargs)
+    if device_type != "cuda":
+        _original_autocast_init(self, device_type, *args, **kwargs)
+        return
+    _original_autocast_init(self, torch._C._get_privateuse1_backend_name(), *args, **kwargs)
+    # As the program named it (code branches on ``ctx.device == "cuda"``); entering and leaving
+    # set the state through torch's functions, which read "cuda" as the device (below).
+    self.device = "cuda"
 
 
 def _cuda_state_is_the_device(original, backend: str, legacy_cuda: bool):

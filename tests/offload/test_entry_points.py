@@ -78,7 +78,8 @@ def test_autocast_state_queries_and_checkpoint_recomputation():
     x, w = torch.randn(3, 4).cuda(), torch.randn(4, 4).cuda()
     with torch.autocast("cuda"):
         assert (x @ w).dtype == torch.float16  # CUDA's default autocast dtype
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16) as ctx:
+        assert ctx.device == "cuda"   # as named: code branches on it
         assert torch.is_autocast_enabled() and torch.is_autocast_enabled("cuda")
         assert torch.get_autocast_dtype("cuda") == torch.bfloat16
         with torch.autocast("cuda", enabled=False):
