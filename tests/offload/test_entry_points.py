@@ -812,6 +812,23 @@ def test_torch_compile_runs_the_model_eagerly_with_a_warning():
     same(remote(x.cuda()), model(x), **FP32)
 
 
+def test_torch_export_of_a_device_model_is_refused_and_a_cpu_copy_exports():
+    """It aborted the process (export fakes the inputs as ``cuda`` tensors, which this torch cannot
+    make); natively it exports. The error says how to export: a CPU copy."""
+    model = mlp()
+    remote = copy.deepcopy(model).cuda()
+    x, _ = batch()
+    for export in (lambda: torch.export.export(remote, (x.cuda(),)),
+                   lambda: torch.export.export(copy.deepcopy(model), (x.cuda(),)),
+                   lambda: torch.export.draft_export(remote, (x.cuda(),)),
+                   lambda: torch._dynamo.export(remote)(x.cuda())):
+        with pytest.raises(NotImplementedError, match="cannot be exported .* export a CPU copy instead"):
+            export()
+    exported = torch.export.export(copy.deepcopy(remote).cpu(), (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+    same(remote(x.cuda()), model(x), **FP32)   # the device goes on
+
+
 def test_sparse_tensors_fail_clearly():
     indices, values = torch.tensor([[0, 1], [1, 0]]), torch.tensor([1.0, 2.0])
     with pytest.raises(NotImplementedError, match=r"sparse_coo tensors are not supported on the virtual cuda:0"):
