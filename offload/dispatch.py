@@ -71,7 +71,9 @@ class Dispatcher:
         info = self._ops.get(id(func))
         if info is None:
             info = self._ops[id(func)] = OpInfo(func, self.rules.get(func))
-            if info.rule is None and not info.composite and not runnable(info.name):
+            if info.rule is None and _QUANTIZING.match(info.name):
+                info.rule = _quantizing
+            elif info.rule is None and not info.composite and not runnable(info.name):
                 info.rule = _foreign
         return info
 
@@ -187,6 +189,19 @@ def _foreign(func, args, kwargs):
         return func._op_dk(everywhere, *args, **kwargs)
     raise unsupported.not_supported(f"the operator {func.name()} (a library's own, with per-device "
                                     "kernels)")
+
+
+# Ops whose results are quantized tensors: their meta kernels describe float tensors, so the front
+# took the worker's quantized result for a float one (wrong dtype, then a reply it cannot decode).
+_QUANTIZING = re.compile(r"aten::(quantize_per_\w+|_make_per_\w+_quantized_tensor|_empty_\w*affine_quantized|"
+                         r"empty_quantized)")
+_QUANTIZED_REFUSAL = ("quantized tensors are not supported on the virtual cuda:0 device; quantize on the "
+                     "CPU, or use fake quantization (torch.fake_quantize_per_tensor_affine ...), which "
+                     "keeps float tensors")
+
+
+def _quantizing(func, args, kwargs):
+    raise NotImplementedError(f"{func}: {_QUANTIZED_REFUSAL}")
 
 
 def _as_on_the_device(e: RuntimeError) -> RuntimeError:

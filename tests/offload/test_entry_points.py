@@ -836,6 +836,21 @@ def test_sparse_tensors_fail_clearly():
     same(torch.sparse_coo_tensor(indices, values, (2, 2)).to_dense().cuda(), torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
 
 
+def test_quantizing_on_the_device_fails_at_the_call_and_fake_quantization_runs():
+    # The meta kernels describe float results: the tensor said float32 and held qint8 on the
+    # worker, and reading it back failed to decode.
+    x = torch.randn(6)
+    on_device = x.cuda()
+    for quantize in (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8),
+                     lambda t: torch.quantize_per_channel(t.view(2, 3), torch.tensor([0.1, 0.2]),
+                                                          torch.tensor([0, 0]), 0, torch.quint8),
+                     lambda t: torch.quantize_per_tensor_dynamic(t, torch.quint8, False)):
+        with pytest.raises(NotImplementedError, match="quantized tensors are not supported on the virtual cuda:0"):
+            quantize(on_device)
+    same(torch.fake_quantize_per_tensor_affine(on_device, 0.1, 0, -128, 127),
+         torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -128, 127))
+
+
 @pytest.mark.parametrize("convert", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr, torch.Tensor.to_mkldnn],
                          ids=["coo", "csr", "mkldnn"])
 def test_conversions_to_other_layouts_fail_at_the_call_and_the_device_goes_on(convert):
