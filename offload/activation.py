@@ -8,8 +8,8 @@ and opens no socket.
 from __future__ import annotations
 
 from offload import (autocast, backward_failures, cuda_facade, device, device_mapping, dispatch,
-                     distributed, eager_compile, graph_export, optimizer_params, profiler,
-                     remote_backward, serialization, torch_settings, torchscript)
+                     distributed, eager_compile, flop_formulas, graph_export, optimizer_params,
+                     profiler, remote_backward, serialization, torch_settings, torchscript)
 
 _active = False
 
@@ -32,6 +32,7 @@ def activate():
     backward_failures.install()
     eager_compile.install()
     graph_export.install()
+    flop_formulas.install()
     torch_settings.install()
     distributed.install()
     profiler.install()

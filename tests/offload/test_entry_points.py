@@ -812,6 +812,29 @@ def test_torch_compile_runs_the_model_eagerly_with_a_warning():
     same(remote(x.cuda()), model(x), **FP32)
 
 
+def test_flop_counter_counts_the_device_linear_and_attention_as_on_cuda():
+    """FlopCounterMode (MFU in training scripts) knew none of the device's fused ops: it counted 0."""
+    from torch.utils import flop_counter
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = mlp()
+    remote = copy.deepcopy(model).cuda()
+    x, _ = batch()
+    counts = []
+    for m, inputs in ((model, x), (remote, x.cuda())):
+        with FlopCounterMode(display=False) as counter:
+            m(inputs.requires_grad_()).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[1] == counts[0] > 0
+    shape = (2, 4, 8, 16)
+    q = torch.randn(shape, device="cuda", requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    # CUDA's fused attention kernels' formulas (the CPU kernel has none)
+    assert counter.get_total_flops() == (flop_counter.sdpa_flop_count(shape, shape, shape)
+                                         + flop_counter.sdpa_backward_flop_count(shape, shape, shape, shape))
+
+
 def test_torch_export_of_a_device_model_is_refused_and_a_cpu_copy_exports():
     """It aborted the process (export fakes the inputs as ``cuda`` tensors, which this torch cannot
     make); natively it exports. The error says how to export: a CPU copy."""
