@@ -812,6 +812,29 @@ def test_torch_compile_runs_the_model_eagerly_with_a_warning():
     same(remote(x.cuda()), model(x), **FP32)
 
 
+@pytest.mark.filterwarnings("ignore")   # flex_attention warns that it runs uncompiled, as on eager CUDA
+def test_flex_attention_with_a_score_mod_and_a_block_mask_trains_as_its_math():
+    """A higher-order op: it raised "no rule registered for HOP flex_attention" on device tensors.
+    The CPU's flex_attention has no backward, so the reference is the same attention written out."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    positions = torch.arange(16)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    scores = inputs[0] @ inputs[1].transpose(-2, -1) / 8 ** 0.5 + (positions[:, None] - positions[None, :]) * 0.1
+    ref = scores.masked_fill(positions[:, None] < positions[None, :], float("-inf")).softmax(-1) @ inputs[2]
+    ref.pow(2).sum().backward()
+
+    on_device = [t.cuda().requires_grad_() for t in (q, k, v)]
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 16, 16, device="cuda")
+    out = flex_attention(*on_device, score_mod=lambda s, b, h, qi, ki: s + (qi - ki) * 0.1, block_mask=mask)
+    out.pow(2).sum().backward()
+    same(out, ref, **FP32)
+    for t, r in zip(on_device, inputs):
+        same(t.grad, r.grad, **FP32)
+
+
 def test_flop_counter_counts_the_device_linear_and_attention_as_on_cuda():
     """FlopCounterMode (MFU in training scripts) knew none of the device's fused ops: it counted 0."""
     from torch.utils import flop_counter
