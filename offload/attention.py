@@ -13,13 +13,10 @@ Everything else runs torch's own composite, as before.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch.nn.attention import SDPBackend
 
 from offload.dispatch import meta_form
-from offload.tensor import RemoteTensor
 
 aten = torch.ops.aten
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -52,17 +49,3 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def register(library: torch.library.Library):
     library.impl("scaled_dot_product_attention", scaled_dot_product_attention, "AutogradPrivateUse1")
-    _register_flex_attention()
-
-
-def _register_flex_attention():
-    """``flex_attention`` (torch.nn.attention.flex_attention) is a higher-order op, which asks each
-    tensor subclass for a rule: without one it raised "no rule registered for HOP flex_attention".
-    Eager CUDA runs its dense implementation, as ``torch.compile``-less programs get it; so does
-    the virtual device, its ops streamed as any others (the compiled kernel is CUDA's own)."""
-    # By name: torch._higher_order_ops.flex_attention, as an attribute, is the op, not its module.
-    flex = importlib.import_module("torch._higher_order_ops.flex_attention")
-    for hop, dense in ((flex.flex_attention, flex.sdpa_dense),
-                       (flex.flex_attention_backward, flex.sdpa_dense_backward)):
-        if RemoteTensor not in hop.python_key_table:
-            hop.py_impl(RemoteTensor)(dense)

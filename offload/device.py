@@ -128,10 +128,12 @@ def register():
     _library.impl("_efficientzerotensor", _efficient_zeros, "PrivateUse1")
     for overload in _WHOLE_FACTORIES:
         _library.impl(overload, _whole_factory(overload), "PrivateUse1")
-    from offload import attention, decompositions, linear  # they import RemoteTensor, which needs DEVICE
+    # They import RemoteTensor, which needs DEVICE.
+    from offload import attention, decompositions, higher_order_ops, linear
     attention.register(_library)
     decompositions.register(_library)
     linear.register(_library)
+    higher_order_ops.register()
     _take_the_multi_tensor_paths()
     _registered = True
 

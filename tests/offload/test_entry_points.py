@@ -812,6 +812,32 @@ def test_torch_compile_runs_the_model_eagerly_with_a_warning():
     same(remote(x.cuda()), model(x), **FP32)
 
 
+@pytest.mark.filterwarnings("ignore")   # they call torch.compile, which runs eagerly here with a warning
+def test_control_flow_operators_run_on_device_tensors_as_on_the_cpu():
+    """torch.cond, while_loop, scan, associative_scan and map are higher-order ops: each raised "no
+    rule registered for HOP ... and subclass RemoteTensor"."""
+    from torch._higher_order_ops.associative_scan import associative_scan
+    from torch._higher_order_ops.map import map as map_op
+    from torch._higher_order_ops.scan import scan
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def run(dev):
+        torch.manual_seed(0)
+        x, w = torch.randn(5, 3).to(dev), torch.randn(3, 3).to(dev)
+        return [torch.cond(x.sum() > 0, lambda t, w: (t @ w).sin(), lambda t, w: (t @ w).cos(), (x, w)),
+                torch.cond(x.sum() < 0, lambda t, w: (t @ w).sin(), lambda t, w: (t @ w).cos(), (x, w)),
+                while_loop(lambda i, t: i < 3, lambda i, t: (i + 1, t * 2 + 1), (torch.tensor(0, device=dev), x))[1],
+                *scan(lambda carry, xs: (carry + xs, carry * xs), torch.zeros(3, device=dev), x),
+                associative_scan(lambda a, b: a + b, x, 0, combine_mode="generic"),
+                map_op(lambda t, y: t * y + 1, x, torch.tensor(2.0, device=dev))]
+
+    for on_device, ref in zip(run("cuda"), run("cpu")):
+        same(on_device, ref)
+    x = torch.randn(5, 3)
+    # CUDA's own combine mode (the CPU has only the generic one); torch returns its leaves as a list
+    same(associative_scan(lambda a, b: a * b, x.cuda(), 1)[0], x.cumprod(1), **FP32)
+
+
 @pytest.mark.filterwarnings("ignore")   # flex_attention warns that it runs uncompiled, as on eager CUDA
 def test_flex_attention_with_a_score_mod_and_a_block_mask_trains_as_its_math():
     """A higher-order op: it raised "no rule registered for HOP flex_attention" on device tensors.
