@@ -114,6 +114,14 @@ def _copy_from(src, dst, non_blocking=False):
     return dispatch.copy_(torch.ops.aten.copy_.default, (dst, src, non_blocking), {})
 
 
+def _local_scalar_dense(t):
+    # torch.tensor([loss_a, loss_b]) reads each 0-dim device tensor's value with the Python key
+    # excluded too: the same .item() as the program's.
+    from offload import dispatch
+
+    return dispatch.local_scalar_dense(torch.ops.aten._local_scalar_dense.default, (t,), {})
+
+
 def register():
     """Make the ``moai`` device exist in this process (idempotent)."""
     global _registered, _library
@@ -125,6 +133,7 @@ def register():
     _library.impl("empty.memory_format", _empty, "PrivateUse1")
     _library.impl("empty_strided", _empty_strided, "PrivateUse1")
     _library.impl("_copy_from", _copy_from, "PrivateUse1")
+    _library.impl("_local_scalar_dense", _local_scalar_dense, "PrivateUse1")
     _library.impl("_efficientzerotensor", _efficient_zeros, "PrivateUse1")
     for overload in _WHOLE_FACTORIES:
         _library.impl(overload, _whole_factory(overload), "PrivateUse1")

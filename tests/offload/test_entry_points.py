@@ -601,6 +601,18 @@ def test_deepcopy_of_a_model_on_the_device_owns_its_tensors():
 
 
 # --- 5. printing, .item(), .tolist(), .numpy() -----------------------------------------------------
+def test_a_tensor_made_of_device_scalars_reads_their_values():
+    """``torch.tensor([loss_a, loss_b])`` (metrics gathered step by step) reads each 0-dim device
+    tensor's value past __torch_dispatch__: it raised "Could not run aten::_local_scalar_dense"."""
+    values = [torch.tensor(1.5), torch.tensor(-2.25), torch.tensor(3)]
+    on_device = [v.cuda() for v in values]
+    for make in (torch.tensor, torch.as_tensor, torch.Tensor, lambda vs: torch.tensor(vs, dtype=torch.float64),
+                 lambda vs: torch.tensor([vs[:2], vs[1:]])):
+        expected, got = make(values), make(on_device)
+        assert got.device.type == "cpu" and got.dtype == expected.dtype and torch.equal(got, expected)
+    same(torch.tensor(on_device, device="cuda"), torch.tensor(values))
+
+
 def test_print_item_tolist_and_numpy():
     a = torch.tensor([[1.5, -2.0], [3.25, 4.0]])
     ra = a.cuda()
