@@ -189,6 +189,11 @@ class RemoteTensor(torch.Tensor):
         # Of the first element, as on CUDA: the storage's address plus the offset in bytes.
         return self.untyped_storage().data_ptr() + self.storage_offset() * self.element_size()
 
+    def is_shared(self) -> bool:
+        # Always for a CUDA tensor (other processes open it through IPC handles): torch.multiprocessing
+        # and Hogwild-style trainers check it; share_memory_ leaves a device tensor as it is.
+        return True
+
     def tolist(self):
         # torch refuses .tolist() for tensor subclasses; a CUDA tensor's comes from the host copy.
         return self.detach().cpu().tolist()

@@ -601,6 +601,12 @@ def test_deepcopy_of_a_model_on_the_device_owns_its_tensors():
 
 
 # --- 5. printing, .item(), .tolist(), .numpy() -----------------------------------------------------
+def test_device_tensors_are_shared_memory_as_cuda_tensors_are():
+    model = nn.Linear(2, 2).cuda().share_memory()
+    assert all(p.is_shared() for p in model.parameters())
+    assert torch.ones(3, device="cuda").share_memory_().is_shared() and not torch.ones(3).is_shared()
+
+
 def test_a_tensor_made_of_device_scalars_reads_their_values():
     """``torch.tensor([loss_a, loss_b])`` (metrics gathered step by step) reads each 0-dim device
     tensor's value past __torch_dispatch__: it raised "Could not run aten::_local_scalar_dense"."""
