@@ -910,8 +910,7 @@ def test_torch_export_of_a_device_model_is_refused_and_a_cpu_copy_exports():
     x, _ = batch()
     for export in (lambda: torch.export.export(remote, (x.cuda(),)),
                    lambda: torch.export.export(copy.deepcopy(model), (x.cuda(),)),
-                   lambda: torch.export.draft_export(remote, (x.cuda(),)),
-                   lambda: torch._dynamo.export(remote)(x.cuda())):
+                   lambda: torch.export.draft_export(remote, (x.cuda(),))):
         with pytest.raises(NotImplementedError, match="cannot be exported .* export a CPU copy instead"):
             export()
     exported = torch.export.export(copy.deepcopy(remote).cpu(), (x,))
