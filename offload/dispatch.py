@@ -41,13 +41,14 @@ _empty_strided = torch._C._VariableFunctions.empty_strided
 class OpInfo:
     """What the per-op path needs to know of an op, worked out at its first call."""
 
-    __slots__ = ("id", "name", "rule", "composite", "scalar_positions", "scalar_names")
+    __slots__ = ("id", "name", "rule", "composite", "scalar_positions", "scalar_names", "one_device")
 
     def __init__(self, func, rule):
         self.id, self.name, self.rule = id(func), func.name(), rule
         self.composite = torch._C._dispatch_has_kernel_for_dispatch_key(
             self.name, torch._C.DispatchKey.CompositeImplicitAutograd)
         self.scalar_positions, self.scalar_names = _scalar_arguments(func)
+        self.one_device = func._schema.name in _ONE_DEVICE
 
 
 class Dispatcher:
@@ -102,6 +103,8 @@ class Dispatcher:
             session = sessions.current()
             out, out_spec = from_template(template, inputs, session)
         else:
+            if info.one_device:
+                _check_one_device(func, args, kwargs)
             meta_args = meta_form(args)
             try:
                 meta_out = _META_KERNELS.get(func, func)(*meta_args, **meta_form(kwargs))
@@ -189,6 +192,30 @@ def _foreign(func, args, kwargs):
         return func._op_dk(everywhere, *args, **kwargs)
     raise unsupported.not_supported(f"the operator {func.name()} (a library's own, with per-device "
                                     "kernels)")
+
+
+# Ops whose CUDA kernels take every tensor on the device, where their meta kernels check nothing:
+# a host tensor among their arguments would run (sent with every record) where CUDA raises.
+_ONE_DEVICE = frozenset("aten::" + name for name in (
+    "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv", "mv", "dot", "vdot", "convolution",
+    "_convolution", "index_select", "gather", "scatter", "scatter_add", "scatter_reduce", "index_add",
+    "index_copy", "embedding", "embedding_dense_backward", "_embedding_bag", "take"))
+
+
+def _check_one_device(func, args, kwargs):
+    """CUDA's check (c10's check_and_update_common_device): the first tensor argument's device is
+    the one the others must be on."""
+    common = None
+    for name, value in [*zip((a.name for a in func._schema.arguments), args), *kwargs.items()]:
+        if not isinstance(value, torch.Tensor):
+            continue
+        device = VISIBLE_DEVICE if isinstance(value, RemoteTensor) else value.device
+        if common is None:
+            common = device
+        elif device != common:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
+                               f"devices, {common} and {device}! (when checking argument for argument "
+                               f"{name} in method {func})")
 
 
 # Ops whose results are quantized tensors: their meta kernels describe float tensors, so the front

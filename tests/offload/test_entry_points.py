@@ -962,9 +962,14 @@ def test_nested_tensors_fail_clearly():
 
 
 def test_a_host_tensor_given_to_a_device_module_is_worded_as_cuda_words_it():
+    # CUDA's check: the first tensor argument (the bias, of addmm) sets the device
     with pytest.raises(RuntimeError, match=r"^Expected all tensors to be on the same device, but found at least "
-                                           r"two devices, cpu and cuda:0!$"):
+                                           r"two devices, cuda:0 and cpu! \(when checking argument for argument "
+                                           r"mat1 in method aten.addmm.default\)$"):
         nn.Linear(4, 3).cuda()(torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match=r"two devices, cpu and cuda:0! \(when checking argument for argument "
+                                           r"mat2 in method aten.mm.default\)$"):
+        torch.ones(2, 4) @ torch.ones(4, 3, device="cuda")
 
 
 def test_channels_last_convolutions_are_laid_out_as_on_cuda():
@@ -1053,6 +1058,20 @@ def test_mixing_a_host_tensor_into_a_device_op_fails_as_on_cuda():
                                            r"two devices, cuda:0 and cpu!"):
         torch.ones(3, device="cuda") + torch.ones(3)
     same(torch.ones(3, device="cuda") + torch.tensor(2.0), torch.full((3,), 3.0))   # a 0-dim host scalar is fine
+    # Ops whose meta kernels check no devices ran with the host tensor (sent with every record)
+    d, host = torch.ones(2, 3, device="cuda"), torch.ones(3, 2)
+    index = torch.tensor([1, 0])
+    for op, devices, argument in ((lambda: d @ host, "cuda:0 and cpu", "mat2"),
+                                  (lambda: torch.bmm(d[None], host[None]), "cuda:0 and cpu", "mat2"),
+                                  (lambda: d.index_select(0, index), "cuda:0 and cpu", "index"),
+                                  (lambda: d.gather(1, index[None]), "cuda:0 and cpu", "index"),
+                                  (lambda: nn.Embedding(4, 2).cuda()(index), "cuda:0 and cpu", "indices"),
+                                  (lambda: nn.Conv1d(2, 1, 1).cuda()(host[None]), "cpu and cuda:0", "weight")):
+        with pytest.raises(RuntimeError, match=r"Expected all tensors to be on the same device, but found at "
+                                               rf"least two devices, {devices}! .*argument {argument} "):
+            op()
+    same(d[:, index.cuda()], torch.ones(2, 2))
+    same(d[index], torch.ones(2, 3))   # indexing takes host indices, as on CUDA
 
 
 @pytest.mark.parametrize("inputs_on", ["cuda", "cpu"])
