@@ -213,9 +213,13 @@ def _check_one_device(func, args, kwargs):
         if common is None:
             common = device
         elif device != common:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
-                               f"devices, {common} and {device}! (when checking argument for argument "
+            raise RuntimeError(f"{_two_devices(common, device)} (when checking argument for argument "
                                f"{name} in method {func})")
+
+
+def _two_devices(first, second) -> str:
+    """CUDA's words for tensors of two devices given to one op."""
+    return f"Expected all tensors to be on the same device, but found at least two devices, {first} and {second}!"
 
 
 # Ops whose results are quantized tensors: their meta kernels describe float tensors, so the front
@@ -241,12 +245,10 @@ def _as_on_the_device(e: RuntimeError) -> RuntimeError:
     # torch's reference kernels word it so, either way round; CUDA's TensorIterator as below.
     other = re.fullmatch(r"Tensor on device (\S+) is not on the expected device meta!", message)
     if other:
-        return type(e)(f"Expected all tensors to be on the same device, but found at least two devices, "
-                       f"{VISIBLE_DEVICE} and {other.group(1)}!")
+        return type(e)(_two_devices(VISIBLE_DEVICE, other.group(1)))
     other = re.fullmatch(r"Tensor on device meta is not on the expected device (\S+)!", message)
     if other:
-        return type(e)(f"Expected all tensors to be on the same device, but found at least two devices, "
-                       f"{other.group(1)} and {VISIBLE_DEVICE}!")
+        return type(e)(_two_devices(other.group(1), VISIBLE_DEVICE))
     return type(e)(re.sub(r"\bmeta\b", str(VISIBLE_DEVICE), message))
 
 
