@@ -14,8 +14,9 @@ costs speed, not correctness. The rules (docs/PARALLELISM.md):
   later reader (Adam reads each gradient three times) from reducing it again;
 - random ops run on whole tensors on every worker: the workers share the seed, so each draws the
   numbers one device would have drawn and keeps its own slice;
-- an op DTensor has no sharding rule for runs on whole tensors (its inputs are all-gathered); its
-  results take the placement of an input of the same shape, else ``Replicate()``.
+- an op DTensor has no sharding rule for runs as its aten decomposition, else on whole tensors
+  (its inputs are all-gathered); its results take the placement of an input of the same shape,
+  else ``Replicate()``.
 
 ``SpmdExecutor`` is the executor of a job with ``world_size > 1`` (main.py picks it): it reuses the
 single-worker ``Executor`` and changes only where a tensor comes from (``put``), how an op runs
@@ -32,9 +33,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch._decomp import decomposition_table
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._decompositions import DecompShardingStrategy
 from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy, register_op_strategy
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons import wire
@@ -72,6 +76,23 @@ def _count_collectives():
             return _collective(tensor, *args, **kwargs)
         counted._moai_counted = True
         setattr(funcol, name, counted)
+
+
+# Decompositions written in aten ops, which autograd can differentiate when a forward records them;
+# torch._refs' (the rest of the table) end in prims, which it cannot.
+ATEN_DECOMPOSITIONS = {op: fn for op, fn in decomposition_table.items()
+                       if fn.__module__ == "torch._decomp.decompositions"}
+
+
+def _no_derived_rules():
+    """DTensor derives a rule for an op without one from the op's decomposition, but then runs the
+    op's own kernel on each rank's piece: ops normalized by a size along the split dim come out
+    wrong. ``mse_loss_backward``'s gradient was N times too large on N workers (it divides by the
+    local element count), a mean ``mse_loss`` over an uneven split the mean of local means.
+    Without derived rules such an op fails its dispatch and ``SpmdBackend._call`` runs the
+    decomposition itself, each part by its own rule."""
+    if hasattr(DecompShardingStrategy, "has_decomp"):
+        DecompShardingStrategy.has_decomp = staticmethod(lambda op: False)
 
 
 def _draws_random(op, args, kwargs) -> bool:
@@ -128,8 +149,10 @@ class SpmdBackend:
                                 timeout=timedelta(seconds=spec.collective_timeout_s))
         self.mesh = init_device_mesh(self.device.type, (spec.world_size,))
         _count_collectives()
+        _no_derived_rules()
         self.policy = PlacementPolicy(spec.world_size, spec.memory_cap)
         self.fallbacks: Counter[str] = Counter()
+        self.decomposed: Counter[str] = Counter()
         # Uploads by hint and the placement they got ("batch -> shard": 6): shows what a real
         # program's hints did (logged at exit, in memory_stats).
         self.placed: Counter[str] = Counter()
@@ -203,12 +226,32 @@ class SpmdBackend:
             raise
         except (NotImplementedError, RuntimeError) as exc:
             # No sharding rule, or one DTensor refuses without moving data first (a view across
-            # the sharded dim). A genuine error of the op fails again on whole tensors, with the
-            # message one device would give.
-            self.fallbacks[op.name()] += 1
-            log.debug("%s runs on whole tensors: %s", op.name(), exc)
-            return self._run_whole(op, args, kwargs)
+            # the sharded dim): the op's decomposition, whose parts have rules, else whole
+            # tensors. A genuine error of the op fails again on whole tensors, with the message
+            # one device would give.
+            out = self._decomposed(op, args, kwargs)
+            if out is None:
+                self.fallbacks[op.name()] += 1
+                log.debug("%s runs on whole tensors: %s", op.name(), exc)
+                return self._run_whole(op, args, kwargs)
         return tree_map(self._reduce_partial, out)
+
+    def _decomposed(self, op, args, kwargs):
+        """``op`` run as its decomposition, each part with these rules (``StreamRules``); None
+        when it has none or a part fails."""
+        decomposition = ATEN_DECOMPOSITIONS.get(op)
+        if decomposition is None:
+            return None
+        try:
+            with StreamRules(self):
+                out = decomposition(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except (NotImplementedError, RuntimeError) as exc:
+            log.debug("%s's decomposition failed: %s", op.name(), exc)
+            return None
+        self.decomposed[op.name()] += 1
+        return out
 
     def _guarded(self, fn, *args):
         """``fn(*args)``; a failure that leaves the group short of a worker breaks the job for good."""
@@ -277,13 +320,30 @@ class SpmdBackend:
     def stats(self) -> dict:
         """Counters of what parallel execution cost so far: collective bytes and fallbacks by name."""
         return {"collective_bytes": dict(COLLECTIVE_BYTES), "fallbacks": dict(self.fallbacks),
-                "uploads": dict(self.placed)}
+                "decomposed": dict(self.decomposed), "uploads": dict(self.placed)}
 
     def close(self):
         log.info("uploads by hint -> placement: %s", dict(self.placed))
+        if self.decomposed:
+            log.info("ops run as their decompositions (no sharding rule): %s", dict(self.decomposed))
         if self.fallbacks:
             log.info("ops run on whole tensors (no sharding rule): %s", dict(self.fallbacks))
         dist.destroy_process_group()
+
+
+class StreamRules(TorchDispatchMode):
+    """Ops called past the stream's records (the parts of a decomposition) go through
+    ``SpmdBackend.call`` as the records' ops do: a ``Partial`` part is reduced when produced, and
+    a part DTensor has no rule for runs as its own decomposition or on whole tensors."""
+
+    def __init__(self, backend: SpmdBackend):
+        super().__init__()
+        self.backend = backend
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if DTensor in types:
+            return self.backend.call(func, *args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))   # plain tensors: local to this worker
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
