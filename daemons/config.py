@@ -34,7 +34,7 @@ class Settings:
     max_devices_per_token: int = 4
 
     # --- front ------------------------------------------------------------------------------------
-    remote_backward: bool = True                    # a one-worker job's loss.backward() runs on the worker
+    remote_backward: bool = True                    # loss.backward() runs on the workers
 
     # --- flavors ----------------------------------------------------------------------------------
     gpu_unit_gb: int = 64                           # memory of one flavor unit (one physical GPU)

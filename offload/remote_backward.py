@@ -2,10 +2,11 @@
 
 Traced on the front, a backward is an op record per gradient op, each a Python dispatch here and
 a record the worker interprets: half the front's time of a small model's step
-(docs/PERFORMANCE.md). For a one-worker job the worker can run it itself: the front names the
-parameters in the forward's records as leaves (``LeafRef``), so the worker's forward builds the
-same autograd graph native torch would, and a backward is then one ``moai::backward`` record
-(daemons/worker/executor.py). The front hands out the parameters' ``.grad`` at once, as handles
+(docs/PERFORMANCE.md). The workers can run it themselves: the front names the parameters in the
+forward's records as leaves (``LeafRef``), so each worker's forward builds the same autograd graph
+native torch would, and a backward is then one ``moai::backward`` record
+(daemons/worker/executor.py; on a job of several workers each runs it on its DTensors, the
+gradient ops with the placement rules of the stream's ops: daemons/worker/spmd.py). The front hands out the parameters' ``.grad`` at once, as handles
 of the gradients the worker will store, and frees the tensors its own graph saved, as torch's
 backward frees them.
 
@@ -13,7 +14,7 @@ Only a plain backward goes this way; anything the worker's graph cannot reproduc
 the front as before, with the same results:
 
 - the call: one scalar device tensor with a graph, no ``gradient``, ``inputs``, ``retain_graph``
-  or ``create_graph``; a job of one worker; the ``remote_backward`` setting on; anomaly detection
+  or ``create_graph``; the ``remote_backward`` setting on; anomaly detection
   off (``torch.autograd.detect_anomaly`` checks each gradient op's results, with the forward's
   traceback: the front's);
 - the graph: no custom ``autograd.Function`` (but the virtual device's own linear), no hook on a

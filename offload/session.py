@@ -38,9 +38,7 @@ class Session:
     def __init__(self, stream: Stream, job: Job | None = None, remote_backward: bool = True):
         self.stream = stream
         self.job = job
-        # offload/remote_backward.py: a multi-worker job's SPMD placement rules see each gradient
-        # op, so its backward stays traced.
-        self.runs_backward = remote_backward and len(stream.clients) == 1
+        self.runs_backward = remote_backward   # offload/remote_backward.py
         self.pid = os.getpid()
         # The per-op calls go straight to the stream: no extra Python frame per op.
         self.new_id = stream.new_id

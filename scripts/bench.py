@@ -220,7 +220,7 @@ def bench_llama(args, size: ModelSize, traced_backward: bool = False) -> dict:
 
     ``traced_backward`` adds a third side, alternating with the two: a second model whose
     backward is traced op by op on the front (as before the worker ran it, and as on a device of
-    several workers), its results under ``"traced_backward"``."""
+    several workers did until 2026-12-02), its results under ``"traced_backward"``."""
     sides = {"offloaded": llama_steps("cuda", size, args.seed), "native": llama_steps("cpu", size, args.seed)}
     if traced_backward:
         sides["traced_backward"] = _backward_traced(llama_steps("cuda", size, args.seed))

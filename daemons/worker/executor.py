@@ -18,17 +18,19 @@ and the held-error rules, and overriding only what touches tensor placement: ``p
 memory meter and ``_host_state`` (an uploaded generator state as the generator takes it). Keep
 those seams stable. With ``world_size == 1`` nothing of spmd is imported and ops run locally.
 
-The backward on the worker (``moai::backward``, offload/remote_backward.py): a one-worker job's
-front names the parameters its forward ops read as ``LeafRef``s. Such an argument resolves, while
-the stream's grad mode (``moai::grad_mode``) is on, to a leaf sharing the tensor's storage and
-requiring grad, so the forward builds an autograd graph here as it would natively; the table
-keeps the plain tensor, which ops without grad mode and the ops writing into a parameter get.
-``moai::backward`` then runs torch's autograd on that graph: one record instead of a backward
-traced op by op on the front. What the program detached names its tensor as a ``DetachedRef``,
-which resolves to the tensor detached from that graph.
+The backward on the worker (``moai::backward``, offload/remote_backward.py): the front names the
+parameters its forward ops read as ``LeafRef``s. Such an argument resolves, while the stream's
+grad mode (``moai::grad_mode``) is on, to a leaf sharing the tensor's storage and requiring grad,
+so the forward builds an autograd graph here as it would natively; the table keeps the plain
+tensor, which ops without grad mode and the ops writing into a parameter get. ``moai::backward``
+then runs torch's autograd on that graph: one record instead of a backward traced op by op on the
+front. Autograd calls the gradient ops itself, past ``_op``: ``_autograd_ops`` is the seam where a
+multi-worker job gives them its placement rules. What the program detached names its tensor as a
+``DetachedRef``, which resolves to the tensor detached from that graph.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -380,7 +382,8 @@ class Executor:
         for leaf in leaves:
             leaf.grad = None
         try:
-            torch.autograd.backward(loss, inputs=leaves)
+            with self._autograd_ops():
+                torch.autograd.backward(loss, inputs=leaves)
         except torch.OutOfMemoryError as e:
             raise OpError("oom", f"backward (op #{seq}) ran out of device memory: {e}") from None
         except Exception as e:
@@ -404,6 +407,10 @@ class Executor:
     _pseudo_ops = {GENERATOR_OP: _new_generator, SEED_OP: _manual_seed, GET_RNG_STATE_OP: _get_rng_state,
                    SET_RNG_STATE_OP: _set_rng_state, GRAD_MODE_OP: _grad_mode, BACKWARD_OP: _backward,
                    torch_settings.SETTING_OP: _setting}
+
+    def _autograd_ops(self):
+        """The context of a backward's gradient ops, which autograd calls itself, past ``_op``."""
+        return contextlib.nullcontext()
 
     def _plain(self, tid: int) -> torch.Tensor:
         t = self.tensors.get(tid)

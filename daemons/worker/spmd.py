@@ -16,12 +16,16 @@ costs speed, not correctness. The rules (docs/PARALLELISM.md):
   numbers one device would have drawn and keeps its own slice;
 - an op DTensor has no sharding rule for runs as its aten decomposition, else on whole tensors
   (its inputs are all-gathered); its results take the placement of an input of the same shape,
-  else ``Replicate()``.
+  else ``Replicate()``;
+- a backward run here (``moai::backward``) gives the gradient ops autograd calls the same rules,
+  through a dispatch mode (``StreamRules``): the gradients come out as the front's traced ops
+  would make them.
 
 ``SpmdExecutor`` is the executor of a job with ``world_size > 1`` (main.py picks it): it reuses the
 single-worker ``Executor`` and changes only where a tensor comes from (``put``), how an op runs
-(``_op``), how a result leaves (``fetch``: a collective every rank joins, rank 0 carries the data)
-and what memory counts (this worker's shards).
+(``_op``, and ``_autograd_ops`` for a backward's ops), how a result leaves (``fetch``: a
+collective every rank joins, rank 0 carries the data) and what memory counts (this worker's
+shards).
 """
 from __future__ import annotations
 
@@ -332,9 +336,13 @@ class SpmdBackend:
 
 
 class StreamRules(TorchDispatchMode):
-    """Ops called past the stream's records (the parts of a decomposition) go through
-    ``SpmdBackend.call`` as the records' ops do: a ``Partial`` part is reduced when produced, and
-    a part DTensor has no rule for runs as its own decomposition or on whole tensors."""
+    """Ops called past the stream's records go through ``SpmdBackend.call`` as the records' ops
+    do: the gradient ops autograd calls in a backward run here (``moai::backward``), and the parts
+    of a decomposition. So gradients summed over the local batch are reduced when produced, and a
+    gradient op DTensor has no rule for, or fails (``native_group_norm_backward`` checks the local
+    batch's gradient against the global batch size), runs as its decomposition or on whole
+    tensors, as a backward traced on the front would. The mode is in autograd's thread-local
+    state: a GPU worker's backward threads see it too."""
 
     def __init__(self, backend: SpmdBackend):
         super().__init__()
@@ -343,7 +351,9 @@ class StreamRules(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if DTensor in types:
             return self.backend.call(func, *args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))   # plain tensors: local to this worker
+        # Plain tensors are the local parts of a graph: the whole tensors an op run on whole
+        # tensors computed with, the local pieces DTensor's own autograd functions pass back.
+        return func(*args, **(kwargs or {}))
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -368,14 +378,22 @@ class SpmdExecutor(Executor):
         super().__init__(spec)
         self.meter = ShardMeter()
         self.backend = SpmdBackend(spec)
+        self._calls: dict[str, functools.partial] = {}
 
     def _host_state(self, state) -> torch.Tensor:
         # The uploaded state is a (replicated) DTensor here; the generator takes a plain one.
         return local(state).cpu()
 
     def _op(self, name: str):
-        op = super()._op(name)
-        return lambda *args, **kwargs: self.backend.call(op, *args, **kwargs)
+        call = self._calls.get(name)
+        if call is None:
+            op = super()._op(name)
+            call = self._calls[name] = functools.partial(self.backend.call, op)
+            call._schema = op._schema   # the executor reads it for an op given a leaf to write
+        return call
+
+    def _autograd_ops(self):
+        return StreamRules(self.backend)
 
     def put(self, msg):
         body = msg.body

@@ -1,7 +1,10 @@
-"""A real front program (spmd_front.py) trains small models on a job of 2 and 4 worker daemons:
-each model on the virtual device and natively on the CPU in one process. The device must give the
-CPU's losses and parameters (dropout's random numbers are the device's: there, the device's two
-runs must agree). The losses are normalized by the batch's size, split unevenly over 4 workers.
+"""A real front program (spmd_front.py) trains small models on a job of 2 and 4 worker daemons,
+each model three ways in one process: with the backward run by the workers (the default,
+offload/remote_backward.py), with it traced op by op on the front, and natively on the CPU. Both
+device ways must give the CPU's losses and parameters (dropout's random numbers are the device's:
+there, the two device ways must agree), and the workers' backward must cost the front one record
+instead of one per gradient op. The losses are normalized by the batch's size, split unevenly over
+4 workers.
 """
 from __future__ import annotations
 
@@ -41,13 +44,15 @@ def assert_same_training(got: dict, expected: dict, what: str):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_losses_normalized_by_the_batch_train_as_on_one_device(world_size, tmp_path):
+def test_backward_on_the_workers_trains_as_one_device(world_size, tmp_path):
     with LocalJob(world_size) as job:
         results = run_front(job, tmp_path)
         decomposed = job.call("memory_stats", {})[0]["decomposed"]
     assert set(results) == {"mse", "smooth_l1", "bce", "group_norm", "dropout"}
     for name, r in results.items():
-        assert_same_training(r["remote"], r["traced"], f"{name}: the device's two runs")
+        # One record for the backward: a traced one sends each gradient op.
+        assert r["remote"]["records"] < r["traced"]["records"], (name, r["remote"]["records"])
+        assert_same_training(r["remote"], r["traced"], f"{name}: backward on the workers vs traced")
         if name != "dropout":
             assert_same_training(r["remote"], r["native"], f"{name}: on the device vs CPU")
     # The ops DTensor would have run by a rule derived from their decompositions, wrongly.
