@@ -55,25 +55,46 @@ def bce(out, target):
     return F.binary_cross_entropy(torch.sigmoid(out), torch.sigmoid(target))
 
 
-# name -> (model, loss). Each loss is normalized by the batch's size: the gradients of mse_loss,
-# smooth_l1_loss and binary_cross_entropy came out N times too large on N workers.
+def weighted_cross_entropy(out, target):
+    return F.cross_entropy(out, target, weight=torch.tensor([0.5, 1.0, 1.5, 2.0], device=out.device))
+
+
+def values(data: torch.Generator) -> torch.Tensor:
+    return torch.randn(BATCH, 4, generator=data)
+
+
+def classes(data: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 4, (BATCH,), generator=data)
+
+
+def padded_classes(data: torch.Generator) -> torch.Tensor:
+    # Both ignored targets (padding's -100) in the first worker's rows.
+    return torch.cat([torch.tensor([-100, -100]), torch.randint(0, 4, (BATCH - 2,), generator=data)])
+
+
+# name -> (model, loss, targets). Each loss is normalized by the batch's size (mse_loss,
+# smooth_l1_loss and binary_cross_entropy's gradients came out N times too large on N workers) or
+# by the targets' total weight (a cross-entropy with ignored targets or class weights read the
+# mean of the workers' means).
 MODELS = {
-    "mse": (mlp, F.mse_loss),
-    "smooth_l1": (mlp, F.smooth_l1_loss),
-    "bce": (mlp, bce),
-    "group_norm": (GroupNormNet, F.mse_loss),
-    "dropout": (DropoutNet, F.mse_loss),
+    "mse": (mlp, F.mse_loss, values),
+    "smooth_l1": (mlp, F.smooth_l1_loss, values),
+    "bce": (mlp, bce, values),
+    "group_norm": (GroupNormNet, F.mse_loss, values),
+    "dropout": (DropoutNet, F.mse_loss, values),
+    "cross_entropy_padded": (mlp, F.cross_entropy, padded_classes),
+    "cross_entropy_weighted": (mlp, weighted_cross_entropy, classes),
 }
 
 
 def train(name: str, dev: str, remote_backward: bool = True) -> dict:
-    make, loss_fn = MODELS[name]
+    make, loss_fn, targets = MODELS[name]
     torch.manual_seed(0)
     model = make().to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     data = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, 8, generator=data).to(dev)
-    y = torch.randn(BATCH, 4, generator=data).to(dev)
+    y = targets(data).to(dev)
     current = session.current() if dev == "cuda" else None
     default = current.runs_backward if current else None
     if current is not None and not remote_backward:

@@ -3,8 +3,8 @@ each model three ways in one process: with the backward run by the workers (the 
 offload/remote_backward.py), with it traced op by op on the front, and natively on the CPU. Both
 device ways must give the CPU's losses and parameters (dropout's random numbers are the device's:
 there, the two device ways must agree), and the workers' backward must cost the front one record
-instead of one per gradient op. The losses are normalized by the batch's size, split unevenly over
-4 workers.
+instead of one per gradient op. The losses are normalized by the batch's size (split unevenly
+over 4 workers) or by the targets' total weight (ignored targets, class weights).
 """
 from __future__ import annotations
 
@@ -48,12 +48,15 @@ def test_backward_on_the_workers_trains_as_one_device(world_size, tmp_path):
     with LocalJob(world_size) as job:
         results = run_front(job, tmp_path)
         decomposed = job.call("memory_stats", {})[0]["decomposed"]
-    assert set(results) == {"mse", "smooth_l1", "bce", "group_norm", "dropout"}
+    assert set(results) == {"mse", "smooth_l1", "bce", "group_norm", "dropout", "cross_entropy_padded",
+                            "cross_entropy_weighted"}
     for name, r in results.items():
         # One record for the backward: a traced one sends each gradient op.
         assert r["remote"]["records"] < r["traced"]["records"], (name, r["remote"]["records"])
         assert_same_training(r["remote"], r["traced"], f"{name}: backward on the workers vs traced")
         if name != "dropout":
             assert_same_training(r["remote"], r["native"], f"{name}: on the device vs CPU")
-    # The ops DTensor would have run by a rule derived from their decompositions, wrongly.
-    assert {"aten::mse_loss_backward", "aten::native_group_norm_backward"} <= set(decomposed)
+    # The ops DTensor would have run by a rule derived from their decompositions, or by its own
+    # rule for cross-entropy, wrongly.
+    assert {"aten::mse_loss_backward", "aten::native_group_norm_backward",
+            "aten::nll_loss_forward"} <= set(decomposed)
