@@ -47,6 +47,25 @@ class DropoutNet(nn.Module):
         return self.out(self.drop(torch.tanh(self.a(x))))
 
 
+class EncoderNet(nn.Module):
+    """Attention with ``batch_first`` views its batch transposed: a view that runs on whole tensors
+    must leave them laid out as on one device, or a later view of them fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 12)
+        self.encoder = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True, norm_first=True)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.a(x).view(len(x), 3, 4)
+        causal = nn.Transformer.generate_square_subsequent_mask(3, device=x.device)
+        padding = torch.zeros(len(x), 3, device=x.device)
+        padding[::3, 2] = float("-inf")
+        return self.out(self.encoder(h, src_mask=causal, is_causal=True, src_key_padding_mask=padding)
+                        .reshape(len(x), 12))
+
+
 def mlp():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
@@ -84,6 +103,7 @@ MODELS = {
     "dropout": (DropoutNet, F.mse_loss, values),
     "cross_entropy_padded": (mlp, F.cross_entropy, padded_classes),
     "cross_entropy_weighted": (mlp, weighted_cross_entropy, classes),
+    "encoder": (EncoderNet, F.cross_entropy, classes),
 }
 
 
