@@ -89,6 +89,14 @@ ATEN_DECOMPOSITIONS = {op: fn for op, fn in decomposition_table.items()
                        if fn.__module__ == "torch._decomp.decompositions"}
 
 
+# A DTensor's shape and placement cannot change in place: the out-of-place view stands in for an
+# in-place one (torch's GRU and LSTM ``transpose_`` a batch_first output), and the executor stores
+# it under the tensor's id.
+OUT_OF_PLACE_VIEWS = {aten.transpose_.default: aten.transpose.int, aten.t_.default: aten.t.default,
+                      aten.unsqueeze_.default: aten.unsqueeze.default,
+                      aten.squeeze_.default: aten.squeeze.default, aten.squeeze_.dim: aten.squeeze.dim,
+                      aten.squeeze_.dims: aten.squeeze.dims}
+
 # DTensor's rule for these averages the ranks' means of their targets' losses (``Partial("avg")``):
 # the mean over the batch only when every rank's targets weigh the same in total, not with class
 # weights or ignored targets (the -100 of padding): a cross-entropy then read 2.48 for 2.33 on two
@@ -227,6 +235,7 @@ class SpmdBackend:
         return self._guarded(self._call, op, args, kwargs)
 
     def _call(self, op, args, kwargs):
+        op = OUT_OF_PLACE_VIEWS.get(op, op)
         args, kwargs = tree_map(self._replicated, (args, kwargs))
         if not any(isinstance(t, DTensor) for t in tree_flatten((args, kwargs))[0]):
             return tree_map(self._replicated, op(*args, **kwargs))   # factories: arange, randn...

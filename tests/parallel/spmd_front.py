@@ -66,6 +66,18 @@ class EncoderNet(nn.Module):
                         .reshape(len(x), 12))
 
 
+class GRUNet(nn.Module):
+    """torch's GRU ``transpose_``s its batch_first output in place, which a DTensor cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(4, 4, num_layers=2, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.gru(x.view(len(x), 2, 4))[0].mean(1))
+
+
 def mlp():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
@@ -104,6 +116,7 @@ MODELS = {
     "cross_entropy_padded": (mlp, F.cross_entropy, padded_classes),
     "cross_entropy_weighted": (mlp, weighted_cross_entropy, classes),
     "encoder": (EncoderNet, F.cross_entropy, classes),
+    "gru": (GRUNet, F.cross_entropy, classes),
 }
 
 

@@ -49,7 +49,7 @@ def test_backward_on_the_workers_trains_as_one_device(world_size, tmp_path):
         results = run_front(job, tmp_path)
         decomposed = job.call("memory_stats", {})[0]["decomposed"]
     assert set(results) == {"mse", "smooth_l1", "bce", "group_norm", "dropout", "cross_entropy_padded",
-                            "cross_entropy_weighted", "encoder"}
+                            "cross_entropy_weighted", "encoder", "gru"}
     for name, r in results.items():
         # One record for the backward: a traced one sends each gradient op.
         assert r["remote"]["records"] < r["traced"]["records"], (name, r["remote"]["records"])
