@@ -6,9 +6,9 @@ a record the worker interprets: half the front's time of a small model's step
 forward's records as leaves (``LeafRef``), so each worker's forward builds the same autograd graph
 native torch would, and a backward is then one ``moai::backward`` record
 (daemons/worker/executor.py; on a job of several workers each runs it on its DTensors, the
-gradient ops with the placement rules of the stream's ops: daemons/worker/spmd.py). The front hands out the parameters' ``.grad`` at once, as handles
-of the gradients the worker will store, and frees the tensors its own graph saved, as torch's
-backward frees them.
+gradient ops with the placement rules of the stream's ops: daemons/worker/spmd.py). The front
+hands out the parameters' ``.grad`` at once, as handles of the gradients the worker will store,
+and frees the tensors its own graph saved, as torch's backward frees them.
 
 Only a plain backward goes this way; anything the worker's graph cannot reproduce is traced on
 the front as before, with the same results:

@@ -90,7 +90,7 @@ ATEN_DECOMPOSITIONS = {op: fn for op, fn in decomposition_table.items()
 
 
 # A DTensor's shape and placement cannot change in place: the out-of-place view stands in for an
-# in-place one (torch's GRU and LSTM ``transpose_`` a batch_first output), and the executor stores
+# in-place one (torch's GRU ``transpose_``s its batch_first output), and the executor stores
 # it under the tensor's id.
 OUT_OF_PLACE_VIEWS = {aten.transpose_.default: aten.transpose.int, aten.t_.default: aten.t.default,
                       aten.unsqueeze_.default: aten.unsqueeze.default,
@@ -343,7 +343,8 @@ class SpmdBackend:
         return self._guarded(DTensor.full_tensor, t) if isinstance(t, DTensor) else t
 
     def stats(self) -> dict:
-        """Counters of what parallel execution cost so far: collective bytes and fallbacks by name."""
+        """Counters of what parallel execution cost so far: collective bytes, and the ops run as
+        their decompositions or on whole tensors, by name."""
         return {"collective_bytes": dict(COLLECTIVE_BYTES), "fallbacks": dict(self.fallbacks),
                 "decomposed": dict(self.decomposed), "uploads": dict(self.placed)}
 
