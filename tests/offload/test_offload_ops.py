@@ -148,6 +148,17 @@ def test_item_cpu_and_copies(dev):
     same(torch.arange(10, device=dev), torch.arange(10))
 
 
+def test_cpu_keeps_a_dense_tensors_layout_as_on_cuda(dev):
+    a = torch.randn(4, 6)
+    transposed = a.to(dev).t()
+    host = transposed.cpu()   # CUDA's .cpu() preserves the strides of a dense tensor
+    assert host.stride() == transposed.stride() == (1, 6) and torch.equal(host, a.t())
+    assert transposed.to("cpu", memory_format=torch.contiguous_format).is_contiguous()
+    assert transposed.to("cpu", torch.float64).stride() == (1, 6)
+    expanded = a[:, :1].to(dev).expand(4, 6)   # overlapping: comes back contiguous, as on CUDA
+    assert expanded.cpu().is_contiguous() and torch.equal(expanded.cpu(), a[:, :1].expand(4, 6))
+
+
 def test_manual_seed_gives_the_cpu_numbers(dev):
     torch.manual_seed(1234)
     remote = [torch.randn(5, device=dev), torch.rand(2, 3, device=dev),
