@@ -18,10 +18,9 @@ import re
 import threading
 
 import torch
-from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from daemons.wire import RemoteRef
-from daemons.worker import conv_layout
+from daemons.worker import conv_layout, layout
 from daemons.worker.executor import runnable
 from offload import generators, parameter_swap, torchscript, unsupported
 from offload import session as sessions
@@ -549,20 +548,12 @@ def to_copy(func, args, kwargs):
     src = args[0]
     if target is not None and target.type == "cpu" and isinstance(src, RemoteTensor):
         sync_debug.check()
-        host = _laid_out_as(src, sessions.current().fetch(src._handle.id), kwargs.get("memory_format"))
+        host = sessions.current().fetch(src._handle.id)
+        if kwargs.get("memory_format") in (None, torch.preserve_format):
+            host = layout.laid_out_like(host, src)   # as CUDA's .cpu() keeps a dense tensor's strides
         dtype = kwargs.get("dtype")
         return host if dtype is None or dtype == host.dtype else host.to(dtype)
     return DISPATCHER.run(func, args, kwargs)
-
-
-def _laid_out_as(src: RemoteTensor, host: torch.Tensor, memory_format) -> torch.Tensor:
-    """The fetched values (contiguous, as the worker sends them) with ``src``'s strides, as CUDA's
-    ``.cpu()`` keeps a dense tensor's layout (``torch.preserve_format``, the default): a transposed
-    tensor comes back transposed. An overlapping one (expanded) comes back contiguous there too."""
-    if (memory_format not in (None, torch.preserve_format) or host.stride() == src.stride()
-            or not is_non_overlapping_and_dense_or_false(src._meta)):
-        return host
-    return torch.empty_strided(src.shape, src.stride(), dtype=host.dtype).copy_(host)
 
 
 @DISPATCHER.rule(aten.copy_.default)

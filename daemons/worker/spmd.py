@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch._decomp import decomposition_table
-from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._decompositions import DecompShardingStrategy
@@ -47,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons import wire
+from daemons.worker import layout
 from daemons.worker.executor import Executor, MemoryMeter
 from daemons.worker.placement import PlacementPolicy
 from daemons.worker.spec import WorkerSpec
@@ -314,11 +314,13 @@ class SpmdBackend:
             if not isinstance(t, DTensor):
                 return t
             # A random fill reads nothing of the tensor it writes (dropout's mask buffer): skip
-            # the all-gather, only the shape matters.
+            # the all-gather, only the shape matters. Either way laid out as on one device
+            # (layout.py): a later view may depend on it.
             if op in RANDOM_FILLS and t is args[0]:
-                whole = _laid_out_as(t, torch.empty(t.shape, dtype=t.dtype, device=self.device))
+                whole = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=self.device)
+                         if layout.dense(t) else torch.empty(t.shape, dtype=t.dtype, device=self.device))
             else:
-                whole = _laid_out_as(t, t.full_tensor())
+                whole = layout.laid_out_like(t.full_tensor(), t)
             sources[id(whole)] = t
             shaped.setdefault(t.shape, t)
             return whole
@@ -376,18 +378,6 @@ class StreamRules(TorchDispatchMode):
         # Plain tensors are the local parts of a graph: the whole tensors an op run on whole
         # tensors computed with, the local pieces DTensor's own autograd functions pass back.
         return func(*args, **(kwargs or {}))
-
-
-def _laid_out_as(t: DTensor, whole: torch.Tensor) -> torch.Tensor:
-    """``whole`` (``t``'s value, contiguous as the all-gather leaves it) with ``t``'s strides, which
-    are one device's: an op's results follow its inputs' layout, and a later view that one
-    device's layout allows may fail on another (the attention of ``nn.MultiheadAttention`` with
-    ``batch_first`` views a transposed batch). Overlapping strides (an expanded tensor) stay
-    contiguous."""
-    if whole.stride() == t.stride() or not is_non_overlapping_and_dense_or_false(
-            torch.empty_strided(t.shape, t.stride(), device="meta")):
-        return whole
-    return torch.empty_strided(t.shape, t.stride(), dtype=whole.dtype, device=whole.device).copy_(whole)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from daemons.worker.local_job import REPO_ROOT, LocalJob
+from tests.offload.worker_fixture import clean_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,13 +25,9 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def run_front(job: LocalJob, tmp_path) -> dict[str, dict]:
-    config = tmp_path / "moai.toml"
-    config.write_text("")
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "MOAI_CONFIG": str(config),
-           "HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "parallel" / "spmd_front.py"),
                           job.secret, *[spec.bind for spec in job.specs]],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+                         env=clean_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=480)
     assert out.returncode == 0, f"{out.stderr[-4000:]}\n--- worker 0 ---\n{job.log(0)[-3000:]}"
     return {r["model"]: r for r in map(json.loads, out.stdout.splitlines())}
 
