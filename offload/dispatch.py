@@ -550,7 +550,7 @@ def to_copy(func, args, kwargs):
         sync_debug.check()
         host = sessions.current().fetch(src._handle.id)
         if kwargs.get("memory_format") in (None, torch.preserve_format):
-            host = layout.laid_out_like(host, src)   # as CUDA's .cpu() keeps a dense tensor's strides
+            host = layout.laid_out_like(host, src)   # as CUDA's .cpu() lays it out (preserve_format)
         dtype = kwargs.get("dtype")
         return host if dtype is None or dtype == host.dtype else host.to(dtype)
     return DISPATCHER.run(func, args, kwargs)

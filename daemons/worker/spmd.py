@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons import wire
-from daemons.worker import layout
+from daemons.worker import fused_attention, layout
 from daemons.worker.executor import Executor, MemoryMeter
 from daemons.worker.placement import PlacementPolicy
 from daemons.worker.spec import WorkerSpec
@@ -129,25 +129,50 @@ def _draws_random(op, args, kwargs) -> bool:
 
 # DTensor has no rules for the CPU flash attention (CUDA's has them): the backward ran on
 # all-gathered whole tensors in every attention layer, the forward all-gathered q, k and v.
-# Attention is independent per batch element, so batch-sharded attention is exact. An
-# ``attn_mask`` stays replicated (one with a full batch dim then fails locally and the op runs
-# whole, as before); with dropout the forward runs whole by rule 2.
+# Attention is independent per batch element, so batch-sharded attention is exact. The mask
+# (``attn_mask``, a keyword argument, which DTensor counts after the positional ones) is sharded
+# with the batch when it has one (a padding mask: transformers' (B, 1, S, S)) and replicated when
+# it is broadcast over the batch (a causal (S, S)). DTensor never moves a keyword argument's data,
+# so the rule takes the mask as it is placed: ``SpmdBackend._call`` places it so before the
+# virtual device's attention ops (ATTENTION_MASKS). With dropout the forward runs whole (rule 2).
+def _mask_sharded_with_batch(mask, query) -> bool:
+    """Whether an attention mask holds the query's batch (rather than being broadcast over it)."""
+    return mask.ndim == query.ndim and mask.shape[0] == query.shape[0] > 1
+
+
+def _attention_strategy(op_schema, results: int, batched: int):
+    """Batch-sharded when an input is and the mask is placed for it, else all replicated (one
+    strategy: DTensor would choose by cost, and may not move the mask). ``batched`` leading
+    tensor inputs hold the batch, the first is the query."""
+    args = [a for a in op_schema.args_schema if hasattr(a, "strategies")]
+    mask = op_schema.kwargs_schema.get("attn_mask")
+    inputs = args + ([mask] if hasattr(mask, "strategies") else [])
+    now = [a.strategies[0].output_spec.placements[0] for a in inputs]
+    sharded = [Shard(0)] * (results + batched) + [Replicate()] * (len(args) - batched)
+    if len(inputs) > len(args):
+        sharded.append(Shard(0) if _mask_sharded_with_batch(mask, args[0]) else Replicate())
+    use_sharded = Shard(0) in now and (len(inputs) == len(args) or now[-1] == sharded[-1])
+    strategy = sharded if use_sharded else [Replicate()] * (results + len(inputs))
+    return expand_to_full_mesh_op_strategy(op_schema.get_mesh_from_args(validate=False), op_schema,
+                                           [strategy], input_index=results)
+
+
 @register_op_strategy(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def _cpu_flash_attention(op_schema):
-    inputs = sum(1 for arg in op_schema.args_schema if hasattr(arg, "strategies"))
     # [out, logsumexp, q, k, v, (attn_mask)]
-    strategies = [[Replicate()] * (2 + inputs), [Shard(0)] * 5 + [Replicate()] * (inputs - 3)]
-    return expand_to_full_mesh_op_strategy(op_schema.get_mesh_from_args(), op_schema, strategies,
-                                           input_index=2)
+    return _attention_strategy(op_schema, results=2, batched=3)
 
 
 @register_op_strategy(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
 def _cpu_flash_attention_backward(op_schema):
-    inputs = sum(1 for arg in op_schema.args_schema if hasattr(arg, "strategies"))
     # [grad_q, grad_k, grad_v, grad_out, q, k, v, out, logsumexp, (attn_mask)]
-    strategies = [[Replicate()] * (3 + inputs), [Shard(0)] * 9 + [Replicate()] * (inputs - 6)]
-    return expand_to_full_mesh_op_strategy(op_schema.get_mesh_from_args(validate=False), op_schema,
-                                           strategies, input_index=3)
+    return _attention_strategy(op_schema, results=3, batched=6)
+
+
+# The virtual device's attention ops (daemons/worker/fused_attention.py) -> where their query and
+# mask are among the arguments (positional there, a keyword argument of the CPU kernels they call).
+ATTENTION_MASKS = {fused_attention.KERNELS[fused_attention.FORWARD]: (0, 3),
+                   fused_attention.KERNELS[fused_attention.BACKWARD]: (1, 4)}
 
 
 class GroupBroken(RuntimeError):
@@ -237,6 +262,8 @@ class SpmdBackend:
     def _call(self, op, args, kwargs):
         op = OUT_OF_PLACE_VIEWS.get(op, op)
         args, kwargs = tree_map(self._replicated, (args, kwargs))
+        if op in ATTENTION_MASKS:
+            args = self._mask_placed(args, *ATTENTION_MASKS[op])
         if not any(isinstance(t, DTensor) for t in tree_flatten((args, kwargs))[0]):
             return tree_map(self._replicated, op(*args, **kwargs))   # factories: arange, randn...
         if _draws_random(op, args, kwargs):
@@ -260,6 +287,22 @@ class SpmdBackend:
                 log.debug("%s runs on whole tensors: %s", op.name(), exc)
                 return self._run_whole(op, args, kwargs)
         return tree_map(self._reduce_partial, out)
+
+    def _mask_placed(self, args, query_at: int, mask_at: int):
+        """``args`` with the attention mask placed as the CPU kernels' rule takes it: sharded
+        when it holds the batch and an input is batch-sharded, else replicated."""
+        query, mask = args[query_at], args[mask_at] if len(args) > mask_at else None
+        if not isinstance(mask, DTensor) or not isinstance(query, DTensor):
+            return args
+        sharded = any(isinstance(a, DTensor) and a.placements[0] == Shard(0)
+                      for i, a in enumerate(args) if i != mask_at)
+        with_batch = sharded and _mask_sharded_with_batch(mask, query)
+        placement = Shard(0) if with_batch else Replicate()
+        if mask.placements[0] == placement:
+            return args
+        args = list(args)
+        args[mask_at] = mask.redistribute(self.mesh, [placement])
+        return args
 
     def _decomposed(self, op, args, kwargs):
         """``op`` run as its decomposition, each part with these rules (``StreamRules``); None
@@ -317,8 +360,8 @@ class SpmdBackend:
             # the all-gather, only the shape matters. Either way laid out as on one device
             # (layout.py): a later view may depend on it.
             if op in RANDOM_FILLS and t is args[0]:
-                whole = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=self.device)
-                         if layout.dense(t) else torch.empty(t.shape, dtype=t.dtype, device=self.device))
+                whole = torch.empty_strided(t.shape, layout.preserved_strides(t), dtype=t.dtype,
+                                            device=self.device)
             else:
                 whole = layout.laid_out_like(t.full_tensor(), t)
             sources[id(whole)] = t

@@ -148,13 +148,17 @@ def test_item_cpu_and_copies(dev):
     same(torch.arange(10, device=dev), torch.arange(10))
 
 
-def test_cpu_keeps_a_dense_tensors_layout_as_on_cuda(dev):
+def test_cpu_lays_out_as_on_cuda(dev):
     a = torch.randn(4, 6)
     transposed = a.to(dev).t()
     host = transposed.cpu()   # CUDA's .cpu() preserves the strides of a dense tensor
     assert host.stride() == transposed.stride() == (1, 6) and torch.equal(host, a.t())
     assert transposed.to("cpu", memory_format=torch.contiguous_format).is_contiguous()
     assert transposed.to("cpu", torch.float64).stride() == (1, 6)
+    # A slice of it (not dense): dense strides in its own order (preserve_format), as CUDA's.
+    piece = transposed[:, :3]
+    assert piece.cpu().stride() == a.t()[:, :3].clone().stride() == (1, 6)
+    assert torch.equal(piece.cpu(), a.t()[:, :3])
     expanded = a[:, :1].to(dev).expand(4, 6)   # overlapping: comes back contiguous, as on CUDA
     assert expanded.cpu().is_contiguous() and torch.equal(expanded.cpu(), a[:, :1].expand(4, 6))
 

@@ -66,6 +66,46 @@ class EncoderNet(nn.Module):
                         .reshape(len(x), 12))
 
 
+class PaddedAttentionNet(nn.Module):
+    """GPT-2's attention (transformers): q, k and v split from one projection, a causal mask
+    joined with a padding mask into (B, 1, S, S), and the heads' output viewed back. The mask
+    holds the batch: it must be sharded with it (the op ran on whole tensors in every layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.proj = nn.Linear(4, 4)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        batch = len(x)
+        q, k, v = (t.view(batch, 2, 2, 2).transpose(1, 2)
+                   for t in self.qkv(x.view(batch, 2, 4)).split(4, dim=2))
+        padding = torch.ones(batch, 2, dtype=torch.bool, device=x.device)
+        padding[::3, 1] = False
+        causal = torch.ones(2, 2, dtype=torch.bool, device=x.device).tril()
+        mask = (causal[None, None] & padding[:, None, None, :]).expand(batch, 1, 2, 2)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = heads.transpose(1, 2).reshape(batch, 2, 4).contiguous()
+        return self.out(self.proj(h.view(-1, 4)).view(batch, 8))
+
+
+class SplitDropoutNet(nn.Module):
+    """Dropout (run on whole tensors) of a transposed piece of a split, viewed back: the whole
+    input must be laid out as one device copies a non-dense tensor, and the result's pieces must
+    keep that layout, or the view fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        first, second = self.a(x).view(len(x), 2, 8).split(4, dim=2)
+        dropped = F.dropout(first.transpose(1, 2), 0.3).transpose(1, 2)
+        return self.out(dropped.view(len(x), 8) + second.reshape(len(x), 8))
+
+
 class GRUNet(nn.Module):
     """torch's GRU ``transpose_``s its batch_first output in place, which a DTensor cannot."""
 
@@ -117,6 +157,8 @@ MODELS = {
     "cross_entropy_weighted": (mlp, weighted_cross_entropy, classes),
     "encoder": (EncoderNet, F.cross_entropy, classes),
     "gru": (GRUNet, F.cross_entropy, classes),
+    "attention_padded": (PaddedAttentionNet, F.cross_entropy, classes),
+    "split_dropout": (SplitDropoutNet, F.mse_loss, values),
 }
 
 
