@@ -14,6 +14,7 @@ a hang, while a long but healthy computation may take as long as it needs.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from typing import Callable
@@ -52,7 +53,8 @@ def remote_exception(e: wire.RemoteError) -> Exception:
         return torch.OutOfMemoryError(f"CUDA out of memory. {e.message} (the virtual device cuda:0)")
     return RuntimeError(f"CUDA error on the virtual device cuda:0 ({e.code}): {e.message}\n"
                         "Device errors are reported asynchronously: the op named above may not be "
-                        "the one that the Python traceback points at.")
+                        "the one that the Python traceback points at. For debugging consider "
+                        "passing CUDA_LAUNCH_BLOCKING=1.")
 
 
 class Stream:
@@ -74,6 +76,9 @@ class Stream:
         self._alive_at = 0.0   # when _check_alive last looked (perf_counter)
         self._lock = threading.RLock()
         self._closed = False
+        # CUDA's switch for debugging asynchronous errors: every op then waits for the workers,
+        # so that a failure is raised at the program's line that issued it.
+        self.blocking = os.environ.get("CUDA_LAUNCH_BLOCKING", "0") == "1"
         self.clients = [wire.Client(a, secret, max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES,
                                     spin_s=REPLY_SPIN_S) for a in addresses]
         self._monitors = []
@@ -114,6 +119,8 @@ class Stream:
                 self._batch.append([self.seq, GRAD_MODE_OP, [grad_mode], {}, None])
             self.seq += 1
             self._batch.append([self.seq, op, args, kwargs, out])
+            if self.blocking:
+                self.sync()
 
     def release_id(self, tid: int):
         self._freed.append(tid)

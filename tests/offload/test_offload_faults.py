@@ -50,3 +50,39 @@ def test_worker_killed_mid_training_is_a_clear_error(worker, tmp_path):
     assert time.monotonic() - killed_at < FAILURE_DEADLINE_S
     assert "DeviceLostError" in err and "virtual device cuda:0 was lost" in err, err
     assert worker.address in err  # which worker went away
+
+
+BAD_INDEX_PROGRAM = """
+import sys, torch
+import offload.dispatch
+from offload import device, session
+device.register()
+session.connect([sys.argv[1]], sys.argv[2])
+x = torch.ones(3, device=device.DEVICE)
+bad = torch.tensor([5], device=device.DEVICE)   # out of bounds: only the worker finds out
+try:
+    y = x[bad]
+except RuntimeError as e:
+    print("raised at the op:", str(e).splitlines()[0])
+    sys.exit(0)
+print("not raised at the op")
+y.sum().item()
+"""
+
+
+@pytest.mark.parametrize("blocking", ["1", "0"])
+def test_cuda_launch_blocking_raises_a_device_error_at_its_op(worker, tmp_path, blocking):
+    """Device errors come at the next sync point, as CUDA's do; CUDA_LAUNCH_BLOCKING=1, CUDA's
+    switch for debugging them, makes each op wait, so the error is raised at its own line."""
+    env = dict(clean_env(tmp_path), CUDA_LAUNCH_BLOCKING=blocking)
+    out = subprocess.run([sys.executable, "-c", BAD_INDEX_PROGRAM, worker.address, SECRET], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    if blocking == "1":
+        assert out.returncode == 0, out.stderr
+        assert "raised at the op: CUDA error on the virtual device cuda:0" in out.stdout, out.stdout
+        assert "aten::index" in out.stdout and "out of bounds" in out.stdout, out.stdout
+    else:
+        assert "not raised at the op" in out.stdout, (out.stdout, out.stderr)
+        assert out.returncode != 0 and "aten::index" in out.stderr
+        assert "consider passing CUDA_LAUNCH_BLOCKING=1" in out.stderr, out.stderr
+
