@@ -28,8 +28,8 @@ def activate():
     torchscript.install()
     dispatch.install_upload_hints()
     optimizer_params.install()
+    backward_failures.install()   # before remote_backward wraps the hook registrations too
     remote_backward.install()
-    backward_failures.install()
     eager_compile.install()
     graph_export.install()
     flop_formulas.install()

@@ -86,3 +86,59 @@ def test_cuda_launch_blocking_raises_a_device_error_at_its_op(worker, tmp_path, 
         assert out.returncode != 0 and "aten::index" in out.stderr
         assert "consider passing CUDA_LAUNCH_BLOCKING=1" in out.stderr, out.stderr
 
+
+FAILING_HOOKS_PROGRAM = """
+import sys, torch
+from offload import activation, session
+activation.activate()
+session.connect([sys.argv[1]], sys.argv[2])
+
+def boom(*args):
+    raise ValueError("the hook refused")
+
+def register(kind, lin, y):
+    if kind == "tensor":
+        y.register_hook(boom)
+    elif kind == "parameter":
+        lin.weight.register_hook(boom)
+    elif kind == "node":
+        y.grad_fn.register_hook(boom)
+    elif kind == "node_pre":
+        y.grad_fn.register_prehook(boom)
+    elif kind == "accumulated":
+        lin.weight.register_post_accumulate_grad_hook(boom)
+    elif kind == "multi":
+        torch.autograd.graph.register_multi_grad_hook((y,), boom)
+
+for kind in ["tensor", "parameter", "node", "node_pre", "accumulated", "module", "module_pre", "multi"]:
+    lin = torch.nn.Linear(3, 3).cuda()
+    if kind == "module":
+        lin.register_full_backward_hook(boom)
+    elif kind == "module_pre":
+        lin.register_full_backward_pre_hook(boom)
+    y = lin(torch.ones(2, 3, device="cuda") * 2)
+    register(kind, lin, y)
+    try:
+        y.sum().backward()
+        print(kind, "not raised")
+    except ValueError as e:
+        print(kind, "raised:", e)
+# The device goes on working after them.
+lin = torch.nn.Linear(3, 3).cuda()
+lin(torch.ones(2, 3, device="cuda")).sum().backward()
+print("then a backward gives", lin.bias.grad.tolist())
+"""
+
+
+def test_a_backward_hook_that_raises_fails_the_backward_not_the_process(worker, tmp_path):
+    """A hook's exception on autograd's device thread ended the whole program on torch 2.13
+    ("terminate called without an active exception"), whatever the hook was on; natively,
+    ``backward()`` raises it. Each is now raised by the ``backward()`` call."""
+    out = subprocess.run([sys.executable, "-c", FAILING_HOOKS_PROGRAM, worker.address, SECRET],
+                         env=clean_env(tmp_path), cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    kinds = ["tensor", "parameter", "node", "node_pre", "accumulated", "module", "module_pre", "multi"]
+    assert lines[:-1] == [f"{kind} raised: the hook refused" for kind in kinds], out.stdout
+    assert lines[-1] == "then a backward gives [2.0, 2.0, 2.0]", out.stdout
