@@ -98,9 +98,12 @@ class Dispatcher:
     def run(self, func, args, kwargs, info: OpInfo | None = None):
         info = info or self.info(func)
         wire_args, wire_kwargs, inputs, key = op_arguments(info, args, kwargs)
-        template = SHAPES.get(key)
-        if template is not None:
+        cached = SHAPES.get(key)
+        if cached is not None:
+            template, fresh = cached
             session = sessions.current()
+            if fresh:
+                session.allocate(info.name, fresh)
             out, out_spec = from_template(template, inputs, session)
         else:
             if info.one_device:
@@ -121,8 +124,10 @@ class Dispatcher:
                 return meta_out  # metadata queries (is_same_size ...) need no worker
             if func in _LAID_OUT_AS_ON_CUDA:
                 meta_out = conv_layout.laid_out(func, meta_out, meta_args)
-            SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
+            fresh = SHAPES.learn(key, info, args, kwargs, inputs, meta_out)
             session = sessions.current()
+            if fresh:
+                session.allocate(info.name, fresh)
             by_meta = {id(t._meta): t for t in inputs}
             out, out_spec = self.wrap(func, meta_out, by_meta, session)
         session.enqueue(info.name, wire_args, wire_kwargs, out_spec)
@@ -167,6 +172,7 @@ class Dispatcher:
         meta = func(*args, **meta_kwargs)
         _check_layout(func, meta.layout)
         session = sessions.current()
+        session.allocate(self.op_name(func), meta.untyped_storage().nbytes())
         tid = session.new_id()
         session.enqueue(self.op_name(func), wire_form(list(args), []), wire_form(kwargs, []), tid)
         return RemoteTensor(meta, tid)
@@ -364,21 +370,40 @@ class ShapeCache:
             self.hits += 1
         return template
 
-    def learn(self, key, info: OpInfo, args, kwargs, inputs, meta_out):
-        # An op that changed an input's metadata (resize_, squeeze_ ...) is not a function of the key.
-        if key is None or op_arguments(info, args, kwargs)[3] != key:
-            return
+    def learn(self, key, info: OpInfo, args, kwargs, inputs, meta_out) -> int:
+        """Remember how the op's results are made from its inputs, and the bytes of the new
+        storages among them (returned)."""
         metas = [t._meta for t in inputs]
         storages: dict = {}
         for i, m in enumerate(metas):
             storages.setdefault(m.untyped_storage()._cdata, i)
+        fresh = _fresh_bytes(meta_out, set(storages))
+        # An op that changed an input's metadata (resize_, squeeze_ ...) is not a function of the key.
+        if key is None or op_arguments(info, args, kwargs)[3] != key:
+            return fresh
         try:
             template = _template(meta_out, metas, storages)
         except _Uncacheable:
-            return
+            return fresh
         if len(self.entries) >= self.MAX_ENTRIES:
             self.entries.clear()
-        self.entries[key] = template
+        self.entries[key] = (template, fresh)
+        return fresh
+
+
+def _fresh_bytes(out, known: set) -> int:
+    """Bytes of the storages of ``out``'s tensors that are none of ``known`` (its inputs')."""
+    if isinstance(out, torch.Tensor):
+        if out.layout != torch.strided:
+            return 0   # refused by Dispatcher.wrap (no storage to ask)
+        storage = out.untyped_storage()
+        if storage._cdata in known:
+            return 0
+        known.add(storage._cdata)
+        return storage.nbytes()
+    if isinstance(out, (list, tuple)):
+        return sum(_fresh_bytes(o, known) for o in out)
+    return 0
 
 
 def op_arguments(info: OpInfo, args, kwargs) -> tuple[list, dict, list, tuple | None]:

@@ -162,6 +162,10 @@ def _run_on_worker(tensors, plain: bool) -> bool:
         if not any(v._handle.plain in _traced for v in unmarked):
             _mark(unmarked)
         return False
+    # The new gradients (not the pass's own temporaries): past the cap, raised before anything
+    # of the backward happened.
+    session.allocate(BACKWARD_OP, sum(v.numel() * v.element_size() for v, g in zip(leaves, grads)
+                                      if g is None))
     metadata = loss.grad_fn.metadata
     if _DONE in metadata:
         _freed(None)

@@ -43,6 +43,7 @@ class Session:
         # The per-op calls go straight to the stream: no extra Python frame per op.
         self.new_id = stream.new_id
         self.enqueue = stream.enqueue
+        self.allocate = stream.allocate
         self.release_id = stream.release_id
         self.drop_fresh_allocation = stream.drop_fresh_allocation
         self.put = stream.put
@@ -107,7 +108,8 @@ class Session:
         self.stream.request("reset_peak", {})
 
     def set_memory_fraction(self, fraction: float):
-        self.stream.request("set_memory_fraction", {"fraction": fraction})
+        replies = self.stream.request("set_memory_fraction", {"fraction": fraction})
+        self.stream.cap = sum(int(r["cap"]) for r in replies)
 
     def total_memory(self) -> int:
         return self.stream.memory_cap

@@ -45,12 +45,16 @@ class DeviceLostError(RuntimeError):
     """The job's workers are gone (a worker died, a node was lost, the master ended the job)."""
 
 
+def out_of_memory(message: str) -> torch.OutOfMemoryError:
+    # Worded as CUDA's: tools that lower the batch size on OOM (accelerate, Lightning) match
+    # "CUDA out of memory." in the message.
+    return torch.OutOfMemoryError(f"CUDA out of memory. {message} (the virtual device cuda:0)")
+
+
 def remote_exception(e: wire.RemoteError) -> Exception:
     """The exception a CUDA program would see for a worker's error reply."""
     if e.code == "oom":
-        # Worded as CUDA's: tools that lower the batch size on OOM (accelerate, Lightning) match
-        # "CUDA out of memory." in the message.
-        return torch.OutOfMemoryError(f"CUDA out of memory. {e.message} (the virtual device cuda:0)")
+        return out_of_memory(e.message)
     return RuntimeError(f"CUDA error on the virtual device cuda:0 ({e.code}): {e.message}\n"
                         "Device errors are reported asynchronously: the op named above may not be "
                         "the one that the Python traceback points at. For debugging consider "
@@ -87,6 +91,11 @@ class Stream:
             self._monitors.append(c.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         self.workers = [self.wait(rank, c.send("hello"), "hello", HELLO_TIMEOUT_S)
                         for rank, c in enumerate(self.clients)]
+        self.cap = self.memory_cap   # lowered by set_per_process_memory_fraction
+        # At least the bytes the workers hold: their figure at the last look, plus every new
+        # storage streamed since (frees are not subtracted). Only past the cap does ``allocate``
+        # look again.
+        self._held_bound = 0
         for rank, info in enumerate(self.workers):
             if info["rank"] != rank or info["world_size"] != len(addresses):
                 raise RuntimeError(f"worker at {addresses[rank]} says it is rank {info['rank']} of "
@@ -121,6 +130,22 @@ class Stream:
             self._batch.append([self.seq, op, args, kwargs, out])
             if self.blocking:
                 self.sync()
+
+    def allocate(self, name: str, nbytes: int):
+        """Count the new storages of an op before its record goes. Where they may not fit, ask the
+        worker what it holds: if they do not, the op raises CUDA's out-of-memory error here, as
+        CUDA's allocator raises it at the op, so that a program that catches it (a smaller
+        batch, a skipped step) goes on from a state no later op has changed. One worker only:
+        a job of several places its bytes by rules of its own (they fail at the next sync)."""
+        self._held_bound += nbytes
+        if self._held_bound <= self.cap or len(self.clients) != 1:
+            return
+        held = int(self.request("memory_stats", {})[0]["allocated"])
+        if held + nbytes > self.cap:
+            self._held_bound = held
+            raise out_of_memory(f"{name} ran out of device memory: tried to allocate {nbytes} bytes "
+                                f"with {held} bytes in use and a cap of {self.cap} bytes")
+        self._held_bound = held + nbytes
 
     def release_id(self, tid: int):
         self._freed.append(tid)
