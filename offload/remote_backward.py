@@ -192,9 +192,12 @@ def _stay_traced(leaves: list):
 
 def _worker_can_set(leaf: RemoteTensor, grad) -> bool:
     """Whether the gradient the worker stores can be this leaf's ``.grad``: none yet, or one of the
-    leaf's shape and dtype on the device (not one the program set itself), and a contiguous leaf
-    (the gradient's layout then is the same on both sides)."""
-    if not leaf.is_contiguous():
+    leaf's shape and dtype on the device (not one the program set itself), and a leaf laid out
+    densely: contiguous or channels-last (a CNN's convolution weights in ``channels_last``). The
+    worker stores the gradient with the leaf's strides, as torch's AccumulateGrad gives a dense
+    parameter's gradient its strides, so the layout is the same on both sides."""
+    if not (leaf.is_contiguous() or leaf.is_contiguous(memory_format=torch.channels_last)
+            or leaf.is_contiguous(memory_format=torch.channels_last_3d)):
         return False
     return grad is None or (type(grad) is RemoteTensor and grad.shape == leaf.shape
                             and grad.dtype == leaf.dtype)

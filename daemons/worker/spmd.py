@@ -97,6 +97,20 @@ OUT_OF_PLACE_VIEWS = {aten.transpose_.default: aten.transpose.int, aten.t_.defau
                       aten.squeeze_.default: aten.squeeze.default, aten.squeeze_.dim: aten.squeeze.dim,
                       aten.squeeze_.dims: aten.squeeze.dims}
 
+# ATen re-strides a result's size-1 dims with ``as_strided_`` (adaptive_avg_pool2d to 1x1 of a
+# channels_last input: its (N, C, 1, 1) mean), which DTensor cannot run: on whole tensors it ran at
+# every step, and failed in a forward that builds the worker's graph (an in-place write into
+# DTensor's view of its local tensor). A stride of a size-1 dim addresses nothing, so such a
+# call is the tensor itself (in place) or an alias of it.
+AS_STRIDED = frozenset((aten.as_strided.default, aten.as_strided_.default))
+
+
+def _restrides_unit_dims_only(t, size, stride, storage_offset=None) -> bool:
+    return (tuple(size) == tuple(t.shape)
+            and (storage_offset is None or storage_offset == t.storage_offset())
+            and all(n == 1 or a == b for n, a, b in zip(size, stride, t.stride())))
+
+
 # DTensor's rule for these averages the ranks' means of their targets' losses (``Partial("avg")``):
 # the mean over the batch only when every rank's targets weigh the same in total, not with class
 # weights or ignored targets (the -100 of padding): a cross-entropy then read 2.48 for 2.33 on two
@@ -264,6 +278,8 @@ class SpmdBackend:
         args, kwargs = tree_map(self._replicated, (args, kwargs))
         if op in ATTENTION_MASKS:
             args = self._mask_placed(args, *ATTENTION_MASKS[op])
+        if op in AS_STRIDED and isinstance(args[0], DTensor) and _restrides_unit_dims_only(*args, **kwargs):
+            return args[0] if op is aten.as_strided_.default else aten.alias.default(args[0])
         if not any(isinstance(t, DTensor) for t in tree_flatten((args, kwargs))[0]):
             return tree_map(self._replicated, op(*args, **kwargs))   # factories: arange, randn...
         if _draws_random(op, args, kwargs):

@@ -417,6 +417,12 @@ MODELS = {
     "lstm": (Recurrent, lambda: torch.randn(4, 5, 6)),
     "conv-batchnorm": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                                              nn.Linear(4 * 6 * 6, 3)), lambda: torch.randn(4, 3, 8, 8)),
+    # A CNN in channels_last (the usual recipe with mixed precision): its convolution weights are
+    # not contiguous, and their backwards stayed traced.
+    "channels-last-conv": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+                           .to(memory_format=torch.channels_last),
+                           lambda: torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)),
     "embedding-dropout": (lambda: nn.Sequential(nn.Embedding(20, 8), nn.Dropout(0.2), nn.Linear(8, 3)),
                           lambda: torch.randint(0, 20, (4, 7))),
     "gqa-attention": (GroupedQueryAttention, lambda: torch.randn(2, 6, 16)),
@@ -452,6 +458,8 @@ def test_models_beyond_the_mlp_train_alike_on_the_worker_traced_and_on_the_cpu(r
     for side in ("worker", "traced"):
         torch.testing.assert_close(torch.tensor(losses[side]), torch.tensor(losses["cpu"]), **FP32)
         same_parameters(models[side], local)
+        # Each gradient laid out as the CPU's (a dense parameter's strides).
+        assert [p.grad.stride() for p in models[side].parameters()] == [p.grad.stride() for p in local.parameters()]
     assert records.count(BACKWARD) == 2
 
 

@@ -106,6 +106,22 @@ class SplitDropoutNet(nn.Module):
         return self.out(dropped.view(len(x), 8) + second.reshape(len(x), 8))
 
 
+class ChannelsLastNet(nn.Module):
+    """A CNN in channels_last: ATen re-strides the (N, C, 1, 1) mean of its 1x1 adaptive pooling
+    in place (``as_strided_``), which failed in the workers' forward that builds their graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1)
+        self.norm = nn.BatchNorm2d(4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        image = x.view(len(x), 2, 2, 2).contiguous(memory_format=torch.channels_last)
+        pooled = F.adaptive_avg_pool2d(F.relu(self.norm(self.conv(image))), 1)
+        return self.out(pooled.flatten(1))
+
+
 class GRUNet(nn.Module):
     """torch's GRU ``transpose_``s its batch_first output in place, which a DTensor cannot."""
 
@@ -159,6 +175,8 @@ MODELS = {
     "gru": (GRUNet, F.cross_entropy, classes),
     "attention_padded": (PaddedAttentionNet, F.cross_entropy, classes),
     "split_dropout": (SplitDropoutNet, F.mse_loss, values),
+    "channels_last": (lambda: ChannelsLastNet().to(memory_format=torch.channels_last), F.cross_entropy,
+                      classes),
 }
 
 

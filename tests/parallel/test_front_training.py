@@ -47,7 +47,7 @@ def test_backward_on_the_workers_trains_as_one_device(world_size, tmp_path):
         stats = job.call("memory_stats", {})[0]
     assert set(results) == {"mse", "smooth_l1", "bce", "group_norm", "dropout", "cross_entropy_padded",
                             "cross_entropy_weighted", "encoder", "gru", "attention_padded",
-                            "split_dropout"}
+                            "split_dropout", "channels_last"}
     for name, r in results.items():
         # One record for the backward: a traced one sends each gradient op.
         assert r["remote"]["records"] < r["traced"]["records"], (name, r["remote"]["records"])
