@@ -171,10 +171,10 @@ class Dispatcher:
         meta_kwargs = dict(kwargs, device=META)
         meta = func(*args, **meta_kwargs)
         _check_layout(func, meta.layout)
-        session = sessions.current()
-        session.allocate(self.op_name(func), meta.untyped_storage().nbytes())
+        session, name = sessions.current(), self.op_name(func)
+        session.allocate(name, meta.untyped_storage().nbytes())
         tid = session.new_id()
-        session.enqueue(self.op_name(func), wire_form(list(args), []), wire_form(kwargs, []), tid)
+        session.enqueue(name, wire_form(list(args), []), wire_form(kwargs, []), tid)
         return RemoteTensor(meta, tid)
 
 
