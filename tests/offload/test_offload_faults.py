@@ -70,13 +70,20 @@ y.sum().item()
 """
 
 
+def run_program(source: str, worker, tmp_path, *args: str, timeout_s: float,
+                **env: str) -> subprocess.CompletedProcess:
+    """``source`` run as a front process against ``worker`` (argv: its address, the secret, args)."""
+    return subprocess.run([sys.executable, "-c", source, worker.address, SECRET, *args],
+                          env=dict(clean_env(tmp_path), **env), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
 @pytest.mark.parametrize("blocking", ["1", "0"])
 def test_cuda_launch_blocking_raises_a_device_error_at_its_op(worker, tmp_path, blocking):
     """Device errors come at the next sync point, as CUDA's do; CUDA_LAUNCH_BLOCKING=1, CUDA's
     switch for debugging them, makes each op wait, so the error is raised at its own line."""
-    env = dict(clean_env(tmp_path), CUDA_LAUNCH_BLOCKING=blocking)
-    out = subprocess.run([sys.executable, "-c", BAD_INDEX_PROGRAM, worker.address, SECRET], env=env,
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    out = run_program(BAD_INDEX_PROGRAM, worker, tmp_path, timeout_s=60,
+                      CUDA_LAUNCH_BLOCKING=blocking)
     if blocking == "1":
         assert out.returncode == 0, out.stderr
         assert "raised at the op: CUDA error on the virtual device cuda:0" in out.stdout, out.stdout
@@ -110,7 +117,7 @@ def register(kind, lin, y):
     elif kind == "multi":
         torch.autograd.graph.register_multi_grad_hook((y,), boom)
 
-for kind in ["tensor", "parameter", "node", "node_pre", "accumulated", "module", "module_pre", "multi"]:
+for kind in sys.argv[3:]:
     lin = torch.nn.Linear(3, 3).cuda()
     if kind == "module":
         lin.register_full_backward_hook(boom)
@@ -134,11 +141,9 @@ def test_a_backward_hook_that_raises_fails_the_backward_not_the_process(worker, 
     """A hook's exception on autograd's device thread ended the whole program on torch 2.13
     ("terminate called without an active exception"), whatever the hook was on; natively,
     ``backward()`` raises it. Each is now raised by the ``backward()`` call."""
-    out = subprocess.run([sys.executable, "-c", FAILING_HOOKS_PROGRAM, worker.address, SECRET],
-                         env=clean_env(tmp_path), cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=120)
+    kinds = ["tensor", "parameter", "node", "node_pre", "accumulated", "module", "module_pre", "multi"]
+    out = run_program(FAILING_HOOKS_PROGRAM, worker, tmp_path, *kinds, timeout_s=120)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    kinds = ["tensor", "parameter", "node", "node_pre", "accumulated", "module", "module_pre", "multi"]
     assert lines[:-1] == [f"{kind} raised: the hook refused" for kind in kinds], out.stdout
     assert lines[-1] == "then a backward gives [2.0, 2.0, 2.0]", out.stdout
