@@ -76,6 +76,9 @@ def _rank(rank: int, rendezvous: str):
                 torch.testing.assert_close(backend.full_tensor(got), expected, rtol=0, atol=0,
                                            msg=lambda m: f"{name} gradient: {m}")
         assert not backend.fallbacks, dict(backend.fallbacks)
+        # Both ranks leave the group together: rank 0 hosts its store, and a rank tearing the
+        # group down after the store's host has exited aborted once (terminate called).
+        torch.distributed.barrier()
     finally:
         backend.close()
 
