@@ -125,11 +125,16 @@ class Repeating:
 class FakeNode:
     """A back node as the master sees it: registration, heartbeats, an agent that 'launches'."""
 
-    def __init__(self, master: MasterProcess, name: str, gpus: int, fail_launch: bool = False):
+    def __init__(self, master: MasterProcess, name: str, gpus: int, fail_launch: bool = False,
+                 launch_hangs: bool = False):
+        """``launch_hangs``: launch_worker never answers (a worker slow to start), until close."""
         self.master = master
         self.name = name
         self.gpus = gpus
         self.fail_launch = fail_launch
+        self.launch_hangs = launch_hangs
+        self._closing = threading.Event()
+        self.asked_to_launch: list[dict] = []
         self.launched: list[dict] = []
         self.stopped: list[dict] = []
         self.workers: list[dict] = []          # what its heartbeats say runs on it
@@ -141,6 +146,9 @@ class FakeNode:
         self._heartbeats: Repeating | None = None
 
     def _launch(self, msg):
+        self.asked_to_launch.append(msg.body)
+        if self.launch_hangs:
+            self._closing.wait()
         if msg.token != CLUSTER_SECRET:
             raise wire.RequestError("unauthorized", "bad cluster secret")
         if self.fail_launch:
@@ -177,6 +185,7 @@ class FakeNode:
             self._heartbeats = None
 
     def close(self):
+        self._closing.set()
         self.stop_heartbeats()
         self.agent.stop()
         self._agent_thread.join(timeout=5)

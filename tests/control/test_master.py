@@ -1,4 +1,5 @@
 """The master daemon against real clients: tokens, devices, jobs, queue, liveness, restart."""
+import signal
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -8,7 +9,7 @@ import pytest
 from daemons import wire
 from daemons.master import store as store_module
 from daemons.master.store import Store
-from master_fixture import (CLUSTER_SECRET, HEARTBEAT_TIMEOUT_S, FrontHeartbeat, FrontHeartbeats,  # noqa: F401
+from master_fixture import (CLUSTER_SECRET, HEARTBEAT_TIMEOUT_S, FakeNode, FrontHeartbeat, FrontHeartbeats,  # noqa: F401
                             MasterProcess, make_node, master, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
@@ -236,6 +237,27 @@ def test_workers_no_live_job_holds_are_stopped_through_their_agent(user, make_no
                     {"gpu": 1 - gpu, "job_id": 999, "state": "running"}]
     wait_until(lambda: {"job_id": 999, "gpu": 1 - gpu} in node.stopped, 5, "the stray worker to be stopped")
     assert all(s["job_id"] == 999 for s in node.stopped), "a live job's worker is left alone"
+
+
+def test_sigterm_stops_the_master_at_once_while_a_launch_waits_for_its_worker(tmp_path):
+    """A launch may wait a minute for its worker to start, and supervisord waits 10 s for the
+    master to stop before it kills it."""
+    master = MasterProcess(tmp_path, agent_call_timeout_s=30.0, worker_start_timeout_s=30.0)
+    master.start()
+    node = FakeNode(master, "n1", 1, launch_hangs=True)
+    front = master.client(master.create_token("alice"))
+    try:
+        node.register()
+        front.send("allocate_job", {"pid": 1234, "process_name": "python train.py", "hostname": "front1"})
+        wait_until(lambda: node.asked_to_launch, 5, "the launch to reach the agent")
+        asked_to_stop = time.monotonic()
+        master.kill(signal.SIGTERM)
+        assert master.proc.returncode == 0 and time.monotonic() - asked_to_stop < 5
+        assert master.log.read_text().splitlines()[-1].endswith("master stopped")
+    finally:
+        front.close()
+        node.close()
+        master.stop()
 
 
 def test_master_killed_and_restarted_loses_nothing(master, make_node):
