@@ -150,8 +150,9 @@ def install():
     backend = torch._C._get_privateuse1_backend_name()
     module = getattr(torch, backend)
     if not hasattr(module, "get_amp_supported_dtype"):
-        # torch.autocast asks the backend module which dtypes it accepts.
-        module.get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16]
+        # torch.autocast asks the backend module which dtypes it accepts; CUDA's checks none (a
+        # program may autocast to float32 to upcast a low-precision model).
+        module.get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     every_op = torch.library.Library("_", "IMPL")
     every_op.fallback(torch.library.fallthrough_kernel, dispatch_key=AUTOCAST_KEY)
     aten = torch.library.Library("aten", "IMPL")

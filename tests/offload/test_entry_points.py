@@ -74,6 +74,21 @@ def test_autocast_cuda_runs_matmuls_low_and_losses_in_float32(dtype):
         same(q.grad, p.grad, **FP32)
 
 
+def test_autocast_cuda_to_float32_is_on_and_upcasts_as_cuda_does():
+    """CUDA autocast takes any dtype (nanoGPT runs ``autocast("cuda", dtype=float32)``); CPU's
+    refuses float32 with a warning and turns off, which the virtual device did, in its own name."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4).to(torch.bfloat16)
+    x = torch.randn(5, 6, dtype=torch.bfloat16)
+    rlin = copy.deepcopy(lin).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cuda", dtype=torch.float32):
+            assert torch.is_autocast_enabled("cuda")
+            out = rlin(x.cuda())
+    same(out, F.linear(x.float(), lin.weight.float(), lin.bias.float()))
+
+
 def test_autocast_state_queries_and_checkpoint_recomputation():
     x, w = torch.randn(3, 4).cuda(), torch.randn(4, 4).cuda()
     with torch.autocast("cuda"):
