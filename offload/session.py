@@ -109,7 +109,7 @@ class Session:
 
     def set_memory_fraction(self, fraction: float):
         replies = self.stream.request("set_memory_fraction", {"fraction": fraction})
-        self.stream.cap = sum(int(r["cap"]) for r in replies)
+        self.stream.cap = min(int(r["cap"]) for r in replies)
 
     def total_memory(self) -> int:
         return self.stream.memory_cap

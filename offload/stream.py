@@ -91,10 +91,11 @@ class Stream:
             self._monitors.append(c.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         self.workers = [self.wait(rank, c.send("hello"), "hello", HELLO_TIMEOUT_S)
                         for rank, c in enumerate(self.clients)]
-        self.cap = self.memory_cap   # lowered by set_per_process_memory_fraction
-        # At least the bytes the workers hold: their figure at the last look, plus every new
-        # storage streamed since (frees are not subtracted). Only past the cap does ``allocate``
-        # look again.
+        # The smallest worker's cap, lowered by set_per_process_memory_fraction.
+        self.cap = min(int(w["memory_cap"]) for w in self.workers)
+        # At least the bytes any one worker holds: the fullest's figure at the last look, plus
+        # every new storage streamed since, whole (frees are not subtracted). Only past the cap
+        # does ``allocate`` look again.
         self._held_bound = 0
         for rank, info in enumerate(self.workers):
             if info["rank"] != rank or info["world_size"] != len(addresses):
@@ -133,19 +134,30 @@ class Stream:
 
     def allocate(self, name: str, nbytes: int):
         """Count the new storages of an op before its record goes. Where they may not fit, ask the
-        worker what it holds: if they do not, the op raises CUDA's out-of-memory error here, as
+        workers what they hold: if they do not, the op raises CUDA's out-of-memory error here, as
         CUDA's allocator raises it at the op, so that a program that catches it (a smaller
-        batch, a skipped step) goes on from a state no later op has changed. One worker only:
-        a job of several places its bytes by rules of its own (they fail at the next sync)."""
+        batch, a skipped step) goes on from a state no later op has changed.
+
+        The workers of a job of several place a result by rules of their own (sharded: a piece on
+        each; replicated: all of it on each), so only what every placement needs is checked: an
+        even share on each worker, since one of them holds at least that. A result that would
+        break a cap only by being placed unevenly still fails, at the next sync."""
         self._held_bound += nbytes
-        if self._held_bound <= self.cap or len(self.clients) != 1:
+        if self._held_bound <= self.cap:
             return
-        held = int(self.request("memory_stats", {})[0]["allocated"])
-        if held + nbytes > self.cap:
-            self._held_bound = held
-            raise out_of_memory(f"{name} ran out of device memory: tried to allocate {nbytes} bytes "
-                                f"with {held} bytes in use and a cap of {self.cap} bytes")
-        self._held_bound = held + nbytes
+        stats = self.request("memory_stats", {})
+        share = -(-nbytes // len(stats))
+        room = max(int(r["cap"]) - int(r["allocated"]) for r in stats)
+        fullest = max(int(r["allocated"]) for r in stats)
+        if share > room:
+            self._held_bound = fullest
+            if len(stats) == 1:
+                raise out_of_memory(f"{name} ran out of device memory: tried to allocate {nbytes} "
+                                    f"bytes with {fullest} bytes in use and a cap of {self.cap} bytes")
+            raise out_of_memory(f"{name} ran out of device memory: its {nbytes} bytes need at least "
+                                f"{share} bytes on each of the {len(stats)} GPUs, and the emptiest "
+                                f"has {room} bytes free (a cap of {self.cap} bytes each)")
+        self._held_bound = fullest + nbytes
 
     def release_id(self, tid: int):
         self._freed.append(tid)
