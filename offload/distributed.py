@@ -7,6 +7,8 @@ build has no NCCL, and torch's default backend has none for the virtual device. 
 - a backend naming NCCL (``"nccl"``, ``"cuda:nccl"``, ``"cpu:gloo,cuda:nccl"``), or none, is gloo,
   whose CPU collectives the program's host tensors use as under NCCL's setup they would;
   ``device_id`` naming the device (NCCL's eager communicator binding) is dropped;
+  ``dist.get_backend()`` answers what the program would read on a GPU (code branches on
+  ``== "nccl"``); torch's own code reads the truth through its module's function;
 - a collective on device tensors (the c10d ops: ``all_reduce``, DDP's bucket all-reduce and its
   broadcast of the module's state ...) in a group of one process is what it is for one process:
   the tensors as they are, an all-gather's output a copy of its input, and a completed ``Work``.
@@ -28,34 +30,56 @@ from offload.dispatch import DISPATCHER
 c10d = torch.ops.c10d
 
 
-def _backend(backend):
-    if backend is None or "nccl" in str(backend).lower():
-        return "gloo"
-    return backend
+# What ``get_backend`` reads on a GPU machine where no backend was named.
+CUDA_DEFAULT_BACKEND = "cpu:gloo,cuda:nccl"
+# group name -> the backend the program named for it, where gloo stands in for NCCL
+_named_backends: dict[str, str] = {}
 
 
-def _with_device_backend(original):
+def _names_nccl(backend) -> bool:
+    return backend is None or "nccl" in str(backend).lower()
+
+
+def _with_device_backend(original, returns_group: bool):
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def call(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
-        bound.arguments["backend"] = _backend(bound.arguments.get("backend"))
+        named = bound.arguments.get("backend")
+        if named is None and returns_group:   # a new group takes the default group's backend
+            named = str(dist.get_backend())
+        if _names_nccl(named):
+            bound.arguments["backend"] = "gloo"
         device_id = bound.arguments.get("device_id")
         if device_id is not None and is_virtual(device_id):   # an int is a CUDA ordinal
             del bound.arguments["device_id"]
-        return original(*bound.args, **bound.kwargs)
+        result = original(*bound.args, **bound.kwargs)
+        group = result if returns_group else dist.distributed_c10d._get_default_group()
+        if _names_nccl(named) and isinstance(group, dist.ProcessGroup):
+            _named_backends[group.group_name] = str(dist.Backend(named or CUDA_DEFAULT_BACKEND))
+        return result
     return call
+
+
+def _as_named(original):
+    @functools.wraps(original)
+    def get_backend(group=None):
+        actual = original(group)
+        group = dist.distributed_c10d._get_default_group() if group is None else group
+        return dist.Backend(_named_backends.get(group.group_name, actual))
+    return get_backend
 
 
 def install():
     """Idempotent."""
     if getattr(dist.init_process_group, "_moai_backend", False):
         return
-    for name in ("init_process_group", "new_group"):
-        patched = _with_device_backend(getattr(dist, name))
+    for name, returns_group in (("init_process_group", False), ("new_group", True)):
+        patched = _with_device_backend(getattr(dist, name), returns_group)
         patched._moai_backend = True
         setattr(dist, name, patched)
+    dist.get_backend = _as_named(dist.get_backend)
 
 
 # --- collectives on device tensors, in a group of one process ---------------------------------------

@@ -292,6 +292,8 @@ DDP_PROGRAM = textwrap.dedent("""\
         device_id = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device_id)
     dist.init_process_group(backend=backend, device_id=device_id)
+    print("backends", dist.get_backend(), dist.get_backend(dist.new_group([0])),
+          dist.get_backend(dist.new_group([0], backend="gloo")), flush=True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None)
@@ -348,6 +350,7 @@ DDP_PROGRAM = textwrap.dedent("""\
 
 def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_path):
     """``dist.init_process_group("nccl")`` and ``DistributedDataParallel`` in a one-process run:
+    ``get_backend`` says nccl,
     the collectives of one process, DDP's bucketed gradients through its communication hook (so its
     backward is traced: the reducer's hooks are torch's C++, another model's backward is not), the
     same losses as DDP on the CPU."""
@@ -368,6 +371,8 @@ def test_a_torchrun_script_with_one_process_trains_with_ddp_as_on_the_cpu(tmp_pa
     ref = [float(line.split()[1]) for line in native.stdout.splitlines() if line.startswith("loss")]
     assert len(losses) == 4
     torch.testing.assert_close(losses, ref, **FP32)
+    # As on a GPU: code branches on it (a new group without a backend takes the default's).
+    assert [line for line in out.stdout.splitlines() if line.startswith("backends")] == ["backends nccl nccl gloo"]
     leaves = [line for line in out.stdout.splitlines() if line.startswith("leaves")]
     assert leaves == ["leaves Handle LeafHandle"]
     gathered = [line for line in out.stdout.splitlines() if line.startswith("gathered")]
