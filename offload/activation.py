@@ -7,9 +7,10 @@ and opens no socket.
 """
 from __future__ import annotations
 
-from offload import (autocast, backward_failures, cuda_facade, device, device_mapping, dispatch,
-                     distributed, eager_compile, flop_formulas, graph_export, optimizer_params,
-                     profiler, remote_backward, serialization, torch_settings, torchscript)
+from offload import (autocast, backward_failures, cuda_facade, device, device_mapping, device_messages,
+                     dispatch, distributed, eager_compile, flop_formulas, graph_export,
+                     optimizer_params, profiler, remote_backward, serialization, torch_settings,
+                     torchscript)
 
 _active = False
 
@@ -22,6 +23,7 @@ def activate():
     # The device must exist before the patches below name it (map_device, autocast's backend).
     device.register()
     device_mapping.install()
+    device_messages.install()
     cuda_facade.install()
     autocast.install()
     serialization.install()

@@ -15,6 +15,8 @@ import torch
 from torch.amp import autocast_mode
 from torch.utils._pytree import tree_map
 
+from offload.device_mapping import script_builtin
+
 AUTOCAST_KEY = "AutocastPrivateUse1"
 
 # Ops that run in the autocast dtype (float16 / bfloat16).
@@ -161,6 +163,7 @@ def install():
     autocast_mode.autocast.__init__ = _autocast_init
     for name, legacy_cuda in (("is_autocast_enabled", True), ("set_autocast_enabled", True),
                               ("get_autocast_dtype", False), ("set_autocast_dtype", False)):
-        setattr(torch, name, _cuda_state_is_the_device(getattr(torch, name), backend, legacy_cuda))
+        original = getattr(torch, name)
+        setattr(torch, name, script_builtin(original, _cuda_state_is_the_device(original, backend, legacy_cuda)))
     torch.get_autocast_gpu_dtype = _gpu_dtype(backend, setter=False)
     torch.set_autocast_gpu_dtype = _gpu_dtype(backend, setter=True)

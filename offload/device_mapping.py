@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.jit._builtins
 import torch.utils._device
 
 # Module-level torch functions that take ``device=``; names a torch version lacks are skipped.
@@ -139,9 +140,19 @@ def _get_default_device(original):
     return get_default_device
 
 
+def script_builtin(original, replacement):
+    """``replacement``, registered as the TorchScript builtin ``original`` is, if it is one: the
+    script compiler knows a builtin by the function's identity, and tried to compile a wrapper
+    from its source ("got builtin_function_or_method": an LSTM calls ``torch.zeros``)."""
+    op = torch.jit._builtins._find_builtin(original)
+    if op is not None:
+        torch.jit._builtins._register_builtin(replacement, op)
+    return replacement
+
+
 def _patch(owner, name, replacement):
     _originals.setdefault((owner, name), vars(owner).get(name, _MISSING))
-    setattr(owner, name, replacement)
+    setattr(owner, name, script_builtin(getattr(owner, name), replacement))
 
 
 def install():

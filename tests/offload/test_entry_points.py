@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import re
 import subprocess
 import sys
 import textwrap
@@ -2018,6 +2019,55 @@ def test_torchscript_runs_on_the_device_and_its_archives_stay_on_the_host():
     torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(NotImplementedError, match="moving a TorchScript module to cuda:0"):
         loaded.cuda()
+
+
+class ScriptedFactories(nn.Module):
+    """Scripted code calling torch functions the layer wraps: factories (nn.LSTM's own forward
+    makes its zero state with ``torch.zeros``), ``take_along_dim``, ``is_autocast_enabled``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 4)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 4, device=x.device) + float(torch.is_autocast_enabled())
+        out = self.lstm(x.unsqueeze(0))[0][0] + h
+        return torch.take_along_dim(out, torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), dim=1)
+
+
+def test_scripted_modules_that_call_wrapped_torch_functions_compile():
+    """TorchScript knows a builtin by its identity: it tried to compile the layer's wrappers from
+    their source ("got builtin_function_or_method"), so any scripted module making a tensor with
+    ``torch.zeros`` (an LSTM) failed to script on the platform."""
+    torch.manual_seed(0)
+    model, (x, _) = ScriptedFactories(), batch()
+    native, remote = torch.jit.script(copy.deepcopy(model)), torch.jit.script(copy.deepcopy(model).cuda())
+    native(x).sum().backward()
+    remote(x.cuda()).sum().backward()
+    for got, want in zip(remote.parameters(), native.parameters()):
+        same(got.grad, want.grad, **FP32)
+
+
+def test_device_checks_made_before_the_dispatcher_name_cuda():
+    """CUDA's messages: the C++ checks of RNNs, stft, take_along_dim and tensor_split printed the
+    device's registered name ("parameter tensor at moai:0")."""
+    host = torch.randn(5, 1, 3)
+    checks = {
+        "found input tensor at cpu and parameter tensor at cuda:0": lambda: nn.LSTM(3, 4).cuda()(host),
+        "parameter tensor at cuda:0": lambda: nn.GRU(3, 4).cuda()(host),
+        "found input tensor at cuda:0 and hidden tensor at cpu":
+            lambda: nn.RNN(3, 4).cuda()(host.cuda(), torch.zeros(1, 1, 4)),
+        "got self on cuda:0 and window on cpu": lambda: torch.stft(torch.randn(64).cuda(), 16,
+                                                                 window=torch.hann_window(16), return_complex=True),
+        "Expected tensor to have cuda:0 Device": lambda: torch.randn(3, 4).cuda().take_along_dim(
+            torch.zeros(3, 1, dtype=torch.long), dim=1),
+        "to be on cpu, but it's on cuda:0": lambda: torch.tensor_split(torch.randn(6).cuda(),
+                                                                       torch.tensor([2]).cuda()),
+    }
+    for message, run in checks.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)) as info:
+            run()
+        assert "moai" not in str(info.value)
 
 
 def test_a_custom_op_with_cuda_kernels_only_is_refused_at_its_call():
