@@ -9,6 +9,7 @@ import torch
 
 from daemons import wire
 from offload import session
+from tests.offload import batch_size_finder
 from worker_fixture import REPO_ROOT, SECRET, clean_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -367,32 +368,9 @@ def test_a_program_that_catches_out_of_memory_trains_on_with_a_smaller_batch(dev
     changed nothing the program holds (no optimizer state yet). Raised at the next sync, the
     program had gone on past the failure, its AdamW state made of tensors never created: the next
     try failed with a missing tensor. The retry trains exactly as the CPU does."""
-    def batches(size):
-        data = torch.Generator().manual_seed(1)
-        return [(torch.randn(size, 512, generator=data), torch.randint(0, 10, (size,), generator=data))
-                for _ in range(3)]
-
-    def train(device, sizes):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(),
-                                    torch.nn.Linear(2048, 10)).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for size in sizes:
-            try:
-                losses = []
-                for x, y in batches(size):
-                    loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    losses.append(loss.item())
-                return size, losses
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad()
-
-    size, losses = train(dev, [1 << 16, 64])   # the first: 512 MiB of activations, past the cap
-    assert size == 64
-    torch.testing.assert_close(losses, train("cpu", [64])[1], rtol=1e-5, atol=1e-6)
+    got = batch_size_finder.train(dev, [1 << 16, 64])   # the first: 512 MiB of activations, past the cap
+    assert got["size"] == 64
+    torch.testing.assert_close(got["losses"], batch_size_finder.train("cpu", [64])["losses"], rtol=1e-5, atol=1e-6)
 
 
 def test_failed_op_names_the_op_and_the_device_goes_on(dev):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -64,46 +63,13 @@ def test_backward_on_the_workers_trains_as_one_device(world_size, tmp_path):
     assert not [op for op in stats["fallbacks"] if "attention" in op], stats["fallbacks"]
 
 
-# accelerate's find_executable_batch_size: catch the OOM of a try, go on with a smaller batch.
-BATCH_SIZE_FINDER = textwrap.dedent("""
-    import json, sys
-    import torch
-    from offload import activation, session
-
-    def train(device, sizes):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(),
-                                    torch.nn.Linear(2048, 10)).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for size in sizes:
-            data = torch.Generator().manual_seed(1)
-            try:
-                losses = []
-                for _ in range(3):
-                    x, y = torch.randn(size, 512, generator=data), torch.randint(0, 10, (size,), generator=data)
-                    loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    losses.append(loss.item())
-                return {"size": size, "losses": losses}
-            except torch.OutOfMemoryError as e:
-                print(e, file=sys.stderr)
-                optimizer.zero_grad()
-
-    activation.activate()
-    session.connect(sys.argv[2:], sys.argv[1])
-    print(json.dumps({"device": train("cuda", [1 << 14, 64]), "cpu": train("cpu", [64])}))
-    session.close()
-""")
-
-
 def test_a_program_that_catches_out_of_memory_trains_on_with_a_smaller_batch(tmp_path):
     """On a device of several GPUs the OOM must be raised at the op too: raised at the next sync,
     the program had gone on past the failed op, and the retry failed on AdamW state made of
     tensors never created ("missing_tensor")."""
     with LocalJob(2, memory_cap=64 << 20) as job:
-        out = subprocess.run([sys.executable, "-c", BATCH_SIZE_FINDER, job.secret, *[s.bind for s in job.specs]],
+        out = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "offload" / "batch_size_finder.py"),
+                              job.secret, *[s.bind for s in job.specs]],
                              env=clean_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "moai::linear ran out of device memory" in out.stderr and "each of the 2 GPUs" in out.stderr, out.stderr
