@@ -135,6 +135,11 @@ def get_device_capability(device=None) -> tuple[int, int]:
     return COMPUTE_CAPABILITY
 
 
+def get_arch_list() -> list[str]:
+    # Libraries check the device's architecture against the build's list (a CPU build's is empty).
+    return [f"sm_{COMPUTE_CAPABILITY[0]}{COMPUTE_CAPABILITY[1]}"]
+
+
 def true(*args, **kwargs) -> bool:
     return True
 
@@ -366,8 +371,8 @@ _FUNCTIONS = {
     "is_available": is_available, "device_count": device_count, "current_device": current_device,
     "set_device": set_device, "device": device, "device_of": device_of,
     "get_device_name": get_device_name, "get_device_properties": get_device_properties,
-    "get_device_capability": get_device_capability, "synchronize": synchronize,
-    "is_initialized": true, "init": lambda: None, "is_bf16_supported": true,
+    "get_device_capability": get_device_capability, "get_arch_list": get_arch_list,
+    "synchronize": synchronize, "is_initialized": true, "init": lambda: None, "is_bf16_supported": true,
     "is_tf32_supported": true, "is_current_stream_capturing": false,
     "memory_allocated": memory_allocated, "max_memory_allocated": max_memory_allocated,
     "memory_reserved": memory_allocated, "max_memory_reserved": max_memory_allocated,

@@ -715,6 +715,8 @@ def test_accelerator_and_cuda_queries():
               "memory_bus_width shared_memory_per_block shared_memory_per_multiprocessor").split()
     assert all(type(getattr(props, name)) in (int, str, bool) for name in fields)
     assert props.uuid.startswith("GPU-") and props.uuid == torch.cuda.get_device_properties(0).uuid
+    major, minor = torch.cuda.get_device_capability()
+    assert f"sm_{major}{minor}" in torch.cuda.get_arch_list()   # the build supports its device
     # Telemetry is the master's (test_offload_cluster.py); these workers were started without one.
     with pytest.raises(RuntimeError, match="telemetry comes from the MoAI master"):
         torch.cuda.utilization()
