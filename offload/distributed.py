@@ -49,14 +49,15 @@ def _with_device_backend(original, returns_group: bool):
         named = bound.arguments.get("backend")
         if named is None and returns_group:   # a new group takes the default group's backend
             named = str(dist.get_backend())
-        if _names_nccl(named):
+        stands_in = _names_nccl(named)   # gloo for the NCCL the program named
+        if stands_in:
             bound.arguments["backend"] = "gloo"
         device_id = bound.arguments.get("device_id")
         if device_id is not None and is_virtual(device_id):   # an int is a CUDA ordinal
             del bound.arguments["device_id"]
         result = original(*bound.args, **bound.kwargs)
         group = result if returns_group else dist.distributed_c10d._get_default_group()
-        if _names_nccl(named) and isinstance(group, dist.ProcessGroup):
+        if stands_in and isinstance(group, dist.ProcessGroup):
             _named_backends[group.group_name] = str(dist.Backend(named or CUDA_DEFAULT_BACKEND))
         return result
     return call
