@@ -9,7 +9,7 @@ class Kernel:
 
     def __init__(self, op, fn):
         self.op, self.fn = op, fn
-        self.tags, self._schema = op.tags, op._schema
+        self.tags, self._schema, self.is_view = op.tags, op._schema, op.is_view
 
     def name(self) -> str:
         return self.op.name()

@@ -17,6 +17,8 @@ costs speed, not correctness. The rules (docs/PARALLELISM.md):
 - an op DTensor has no sharding rule for runs as its aten decomposition, else on whole tensors
   (its inputs are all-gathered); its results take the placement of an input of the same shape,
   else ``Replicate()``;
+- a view DTensor can only make as a copy (across the sharded dim) is kept in step with its base:
+  writes through either reach the other (``detached_views.py``);
 - a backward run here (``moai::backward``) gives the gradient ops autograd calls the same rules,
   through a dispatch mode (``StreamRules``): the gradients come out as the front's traced ops
   would make them.
@@ -47,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons import wire
 from daemons.worker import fused_attention, layout
+from daemons.worker.detached_views import DetachedViews
 from daemons.worker.executor import Executor, MemoryMeter
 from daemons.worker.placement import PlacementPolicy
 from daemons.worker.spec import WorkerSpec
@@ -218,6 +221,8 @@ class SpmdBackend:
         self.broken: str | None = None
         # Storages of the parameters uploaded replicated: re-placed if ZeRO-3 switches on.
         self._param_storages: set[int] = set()
+        self.views = DetachedViews(self.mesh, self._slice, frozenset(OUT_OF_PLACE_VIEWS) | AS_STRIDED)
+        self._nested = False
 
     # --- uploads ----------------------------------------------------------------------------------
     def place(self, tid: int, tensor: torch.Tensor, kind: str | None) -> tuple[DTensor, bool]:
@@ -271,7 +276,20 @@ class SpmdBackend:
     # --- ops --------------------------------------------------------------------------------------
     def call(self, op, *args, **kwargs):
         """Run one aten op with the global semantics of one device (module docstring)."""
-        return self._guarded(self._call, op, args, kwargs)
+        return self._guarded(self._call_in_step, op, args, kwargs)
+
+    def _call_in_step(self, op, args, kwargs):
+        # The ops an op is made of (a decomposition's, the views' own upkeep) are its parts: only
+        # the outermost op's views and writes are kept in step (detached_views.py).
+        if self._nested:
+            return self._call(op, args, kwargs)
+        self._nested = True
+        try:
+            out = self._call(op, args, kwargs)
+            self.views.after(op, args, kwargs, out)
+        finally:
+            self._nested = False
+        return out
 
     def _call(self, op, args, kwargs):
         op = OUT_OF_PLACE_VIEWS.get(op, op)
@@ -404,10 +422,11 @@ class SpmdBackend:
         return self._guarded(DTensor.full_tensor, t) if isinstance(t, DTensor) else t
 
     def stats(self) -> dict:
-        """Counters of what parallel execution cost so far: collective bytes, and the ops run as
-        their decompositions or on whole tensors, by name."""
+        """Counters of what parallel execution cost so far: collective bytes, the ops run as their
+        decompositions or on whole tensors by name, and the detached views kept in step now."""
         return {"collective_bytes": dict(COLLECTIVE_BYTES), "fallbacks": dict(self.fallbacks),
-                "decomposed": dict(self.decomposed), "uploads": dict(self.placed)}
+                "decomposed": dict(self.decomposed), "uploads": dict(self.placed),
+                "detached_views": len(self.views)}
 
     def close(self):
         log.info("uploads by hint -> placement: %s", dict(self.placed))

@@ -17,6 +17,7 @@ import torch
 
 from daemons.worker.local_job import REPO_ROOT, LocalJob
 from tests.offload.worker_fixture import clean_env
+from tests.parallel import fronts
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -25,11 +26,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def run_front(job: LocalJob, tmp_path) -> dict[str, dict]:
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "parallel" / "spmd_front.py"),
-                          job.secret, *[spec.bind for spec in job.specs]],
-                         env=clean_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=480)
-    assert out.returncode == 0, f"{out.stderr[-4000:]}\n--- worker 0 ---\n{job.log(0)[-3000:]}"
-    return {r["model"]: r for r in map(json.loads, out.stdout.splitlines())}
+    return {r["model"]: r for r in fronts.run_front("spmd_front.py", job, tmp_path)}
 
 
 def assert_same_training(got: dict, expected: dict, what: str):
