@@ -411,8 +411,13 @@ class SpmdBackend:
             if source is None:
                 like = shaped.get(t.shape)
                 return self._slice(t, like.placements[0]) if like is not None else self._replicated(t)
+            placement = source.placements[0]
+            if t.shape != source.shape:
+                # ``resize_`` changed the tensor's shape, which a DTensor's cannot in place: the
+                # resized tensor is a new one, stored under the tensor's id (OUT_OF_PLACE_VIEWS).
+                return self._slice(t, placement if t.ndim else Replicate())
             # An in-place / out= result: write it back into the input, in the input's placement.
-            source.to_local().copy_(self._slice(t, source.placements[0]).to_local())
+            source.to_local().copy_(self._slice(t, placement).to_local())
             return source
         return tree_map(wrap, out)
 

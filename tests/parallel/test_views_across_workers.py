@@ -23,7 +23,7 @@ def test_writes_through_views_reach_their_bases_as_on_one_device(world_size, tmp
         stats = job.call("memory_stats", {})
     assert [r["case"] for r in results] == [
         "padding_mask", "select_fill", "slices", "tiny_batch", "base_written_after", "splits",
-        "reshaped_views", "chains_and_out", "autograd_through_views"]
+        "reshaped_views", "chains_and_out", "resized", "autograd_through_views"]
     for r in results:
         assert "error" not in r, f"{r['case']}: {r['error']}"
         for i, (got, expected) in enumerate(zip(r["device"], r["cpu"], strict=True)):

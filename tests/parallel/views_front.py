@@ -92,6 +92,16 @@ def chains_and_out(dev):
     return x, tail
 
 
+def resized(dev):
+    # A DTensor's shape cannot change in place: resize_ failed on whole tensors' write-back.
+    x = rows(dev)
+    x.resize_(4, 6)
+    y = torch.arange(10.0).to(dev)
+    y.resize_(3)
+    y.add_(1)
+    return x.clone(), y
+
+
 def autograd_through_views(dev):
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 6).to(dev)
@@ -108,7 +118,7 @@ def autograd_through_views(dev):
 
 
 CASES = [padding_mask, select_fill, slices, tiny_batch, base_written_after, splits, reshaped_views,
-         chains_and_out, autograd_through_views]
+         chains_and_out, resized, autograd_through_views]
 
 
 def as_lists(values) -> list:
