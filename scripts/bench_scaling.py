@@ -13,8 +13,8 @@ torch picks on a cuda device), then replayed on jobs of N worker daemons driven 
 front would (daemons/worker/local_job.py). The global batch is N times the per-worker batch (weak
 scaling); efficiency = tokens/s with N workers / (N x tokens/s with 1).
 
-Communication: every worker counts the bytes it puts into collectives (spmd.py,
-``COLLECTIVE_BYTES``, reported by ``memory_stats``); the table shows rank 0's per step. Plain data
+Communication: every worker counts the bytes it puts into collectives (collectives.py,
+``BYTES``, reported by ``memory_stats``); the table shows rank 0's per step. Plain data
 parallelism puts each gradient into one all-reduce per step: G = the model's gradient bytes (the
 "DP" column); a ring all-reduce of that moves 2(N-1)/N x G per rank over the wire ("DP ring").
 Every worker is a CPU "virtual GPU": on a machine with C cores more than C workers share cores

@@ -38,7 +38,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch._decomp import decomposition_table
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -48,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from daemons import wire
-from daemons.worker import fused_attention, layout
+from daemons.worker import collectives, fused_attention, layout
 from daemons.worker.detached_views import DetachedViews
 from daemons.worker.executor import Executor, MemoryMeter
 from daemons.worker.placement import PlacementPolicy
@@ -63,27 +62,6 @@ RANDOM_FILLS = frozenset((aten.bernoulli_.float, aten.uniform_.default, aten.nor
                           aten.exponential_.default, aten.geometric_.default,
                           aten.log_normal_.default, aten.cauchy_.default, aten.random_.default,
                           getattr(aten.random_, "from"), aten.random_.to))
-
-
-# The collectives DTensor's redistributions call (looked up on the module at each call, so wrapping
-# the module's attributes sees them all). Bytes are this rank's input: what it puts into the
-# collective, the measure plain data parallelism's "gradients all-reduced once" is stated in.
-COUNTED_COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")
-COLLECTIVE_BYTES: Counter[str] = Counter()
-
-
-def _count_collectives():
-    for name in COUNTED_COLLECTIVES:
-        collective = getattr(funcol, name)
-        if getattr(collective, "_moai_counted", False):
-            continue
-
-        @functools.wraps(collective)
-        def counted(tensor, *args, _name=name, _collective=collective, **kwargs):
-            COLLECTIVE_BYTES[_name] += tensor.numel() * tensor.element_size()
-            return _collective(tensor, *args, **kwargs)
-        counted._moai_counted = True
-        setattr(funcol, name, counted)
 
 
 # Decompositions written in aten ops, which autograd can differentiate when a forward records them;
@@ -210,7 +188,7 @@ class SpmdBackend:
                                 rank=spec.rank, world_size=spec.world_size,
                                 timeout=timedelta(seconds=spec.collective_timeout_s))
         self.mesh = init_device_mesh(self.device.type, (spec.world_size,))
-        _count_collectives()
+        collectives.install()
         _no_derived_rules()
         self.policy = PlacementPolicy(spec.world_size, spec.memory_cap)
         self.fallbacks: Counter[str] = Counter()
@@ -429,7 +407,7 @@ class SpmdBackend:
     def stats(self) -> dict:
         """Counters of what parallel execution cost so far: collective bytes, the ops run as their
         decompositions or on whole tensors by name, and the detached views kept in step now."""
-        return {"collective_bytes": dict(COLLECTIVE_BYTES), "fallbacks": dict(self.fallbacks),
+        return {"collective_bytes": dict(collectives.BYTES), "fallbacks": dict(self.fallbacks),
                 "decomposed": dict(self.decomposed), "uploads": dict(self.placed),
                 "detached_views": len(self.views)}
 

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from daemons.loopback_ports import free_port
-from daemons.worker import fused_attention, spmd
+from daemons.worker import collectives, fused_attention, spmd
 from daemons.worker.spec import WorkerSpec
 
 B, H, S, D = 4, 2, 8, 4
@@ -55,11 +55,11 @@ def _rank(rank: int, rendezvous: str):
             elif mask is not None:
                 dmask = DTensor.from_local(mask, backend.mesh, [Replicate()], run_check=False)
             dq, dk, dv, dgrad = sharded
-            gathered_before = spmd.COLLECTIVE_BYTES["all_gather_single"]
+            gathered_before = collectives.BYTES["all_gather_single"]
             out = backend.call(FORWARD, dq, dk, dv, dmask, 0.0, False, False)
             grads = backend.call(BACKWARD, dgrad, dq, dk, dv, dmask, [True, True, True, False],
                                  out[0], out[1], None, None, S, S, 0.0, False, out[6], out[7])
-            gathered = spmd.COLLECTIVE_BYTES["all_gather_single"] - gathered_before
+            gathered = collectives.BYTES["all_gather_single"] - gathered_before
             want = FORWARD(q, k, v, mask, 0.0, False, False)
             want_grads = BACKWARD(grad, q, k, v, mask, [True, True, True, False], want[0], want[1],
                                   None, None, S, S, 0.0, False, want[6], want[7])

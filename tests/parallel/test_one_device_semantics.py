@@ -1,7 +1,9 @@
-"""Writes through views of tensors split over a job's workers, and into their bases, give one
-device's values (views_front.py, against the CPU in the same process). DTensor makes a view across
-the split dim as a copy (daemons/worker/detached_views.py): without keeping the two in step, 18 of
-22 such writes were silently lost on 2 workers, transformers' padding mask among them."""
+"""Tensors split over a job's workers behave as on one device (semantics_front.py, against the CPU
+in the same process). Writes through views, and into their bases, give one device's values: DTensor
+makes a view across the split dim as a copy (daemons/worker/detached_views.py), and without keeping
+the two in step 18 of 22 such writes were silently lost on 2 workers, transformers' padding mask
+among them. Tensors of the dtypes gloo cannot move (int16, wide unsigned ints, float8) read back
+(daemons/worker/collectives.py)."""
 from __future__ import annotations
 
 import pytest
@@ -17,13 +19,14 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_writes_through_views_reach_their_bases_as_on_one_device(world_size, tmp_path):
+def test_views_writes_and_dtypes_as_on_one_device(world_size, tmp_path):
     with LocalJob(world_size) as job:
-        results = fronts.run_front("views_front.py", job, tmp_path)
+        results = fronts.run_front("semantics_front.py", job, tmp_path)
         stats = job.call("memory_stats", {})
     assert [r["case"] for r in results] == [
         "padding_mask", "select_fill", "slices", "tiny_batch", "base_written_after", "splits",
-        "reshaped_views", "chains_and_out", "resized", "autograd_through_views"]
+        "reshaped_views", "chains_and_out", "resized", "dtypes_collectives_lack",
+        "autograd_through_views"]
     for r in results:
         assert "error" not in r, f"{r['case']}: {r['error']}"
         for i, (got, expected) in enumerate(zip(r["device"], r["cpu"], strict=True)):

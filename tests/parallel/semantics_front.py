@@ -1,7 +1,7 @@
-"""A front program against a job's workers (LocalJob): writes through views and into the bases of
-views, on tensors split over the workers by their first dim, each case run on the virtual device
-and natively on the CPU in this one process. Prints one JSON line per case: the values both gave,
-or the device's error.
+"""A front program against a job's workers (LocalJob): what one device does that a tensor split over
+the workers by its first dim must do too (writes through views and into the bases of views, dtypes
+the process group cannot move), each case run on the virtual device and natively on the CPU in this
+one process. Prints one JSON line per case: the values both gave, or the device's error.
 
 argv: the secret, then the workers' addresses, rank 0 first.
 """
@@ -102,6 +102,17 @@ def resized(dev):
     return x.clone(), y
 
 
+def dtypes_collectives_lack(dev):
+    # gloo moves none of these (NCCL no int16/uint16): reading one back failed.
+    out = []
+    for dtype in (torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn,
+                  torch.float8_e5m2):
+        x = (torch.arange(40).reshape(10, 4) * 3).to(dtype).to(dev)
+        both = torch.cat([x, x])[3:15]
+        out += [x, both] if dtype.is_floating_point else [x, both, x.sum(0, dtype=torch.int64)]
+    return [t.view(torch.uint8) if t.dtype.itemsize == 1 else t.to(torch.int64) for t in out]
+
+
 def autograd_through_views(dev):
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 6).to(dev)
@@ -118,7 +129,7 @@ def autograd_through_views(dev):
 
 
 CASES = [padding_mask, select_fill, slices, tiny_batch, base_written_after, splits, reshaped_views,
-         chains_and_out, resized, autograd_through_views]
+         chains_and_out, resized, dtypes_collectives_lack, autograd_through_views]
 
 
 def as_lists(values) -> list:
