@@ -7,9 +7,10 @@ the DTensor placement on the job's 1-D mesh of N workers:
 - ``batch``: ``Shard(0)``, the batch is split over the workers (uneven splits allowed: rank r gets
   ``torch.chunk``'s r-th piece). Data parallelism.
 - ``param``: ``Replicate()`` while the model fits, else ``Shard(0)`` (ZeRO-3 / FSDP style).
-- ``buffer``, unhinted tensors and unknown hints: ``Replicate()``; so are tensors whose dim 0 is
-  shorter than the mesh (0-d included). A hint changes where bytes live, never a result (spmd.py), so an unknown one is
-  ignored rather than refused.
+- ``buffer``, unhinted tensors and unknown hints: ``Replicate()``; so are tensors whose dim 0
+  would leave a rank an empty piece (0-d included; 9 rows over 4 ranks: 3, 3, 3, 0). A hint
+  changes where bytes live, never a result (spmd.py), so an unknown one is ignored rather than
+  refused.
 
 The memory rule. Training with Adam(W) holds four tensors per parameter on every worker that
 replicates it: the parameter, its gradient and the two moments. With ``P`` the bytes of all
@@ -54,10 +55,19 @@ class PlacementPolicy:
         return self.shard_params
 
     def placement(self, kind: str | None, shape) -> Placement:
-        # A dim 0 shorter than the mesh is not split: ranks would hold empty pieces, and a view
-        # that drops the dim (a [1, n] bias gradient viewed as [n]) could not stay local.
-        if len(shape) == 0 or shape[0] < self.world_size:
+        # A dim 0 that would leave a rank an empty piece is not split: a view that drops the dim
+        # (a [1, n] bias gradient viewed as [n]) could not stay local, and an op fails on an empty
+        # piece where it runs on the others (``max()`` of 6 values on 4 workers, pieces 2, 2, 2
+        # and 0: that rank fell back to whole tensors while the others all-reduced; the job hung
+        # until the collective timeout).
+        if len(shape) == 0 or not self.splits_without_empty_pieces(shape[0]):
             return Replicate()
         if kind == "batch" or (kind == "param" and self.shard_params):
             return Shard(0)
         return Replicate()
+
+    def splits_without_empty_pieces(self, n: int) -> bool:
+        """Whether ``torch.chunk``'s split of ``n`` (DTensor's ``Shard``) gives every rank rows:
+        9 rows over 4 ranks are pieces of 3, 3, 3 and 0."""
+        piece = -(-n // self.world_size)
+        return n > 0 and -(-n // piece) == self.world_size

@@ -3,7 +3,8 @@ in the same process). Writes through views, and into their bases, give one devic
 makes a view across the split dim as a copy (daemons/worker/detached_views.py), and without keeping
 the two in step 18 of 22 such writes were silently lost on 2 workers, transformers' padding mask
 among them. Tensors of the dtypes gloo cannot move (int16, wide unsigned ints, float8) read back
-(daemons/worker/collectives.py)."""
+(daemons/worker/collectives.py). Batches that would leave a worker an empty piece are not split
+(daemons/worker/placement.py): a reduction failed on that worker alone and the job hung."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def test_views_writes_and_dtypes_as_on_one_device(world_size, tmp_path):
     assert [r["case"] for r in results] == [
         "padding_mask", "select_fill", "slices", "tiny_batch", "base_written_after", "splits",
         "reshaped_views", "chains_and_out", "resized", "dtypes_collectives_lack",
-        "autograd_through_views"]
+        "small_batches", "autograd_through_views"]
     for r in results:
         assert "error" not in r, f"{r['case']}: {r['error']}"
         for i, (got, expected) in enumerate(zip(r["device"], r["cpu"], strict=True)):
