@@ -227,7 +227,47 @@ class Stream:
         with self._lock:
             self.flush()
             ids = [self._send(rank, msg_type, body) for rank in range(len(self.clients))]
-            return [self.wait(rank, msg_id, msg_type) for rank, msg_id in enumerate(ids)]
+            if len(ids) == 1:
+                return [self.wait(0, ids[0], msg_type)]
+            return self._replies(ids, msg_type)
+
+    def _replies(self, ids: list[int], what: str) -> list:
+        """Every rank's reply, waited for in rank order; an error from any rank is raised as soon
+        as it comes. A rank that failed an op alone answers while the others still wait for it
+        in a collective (daemons/worker/group_faults.py): its error is the one to raise."""
+        replies: dict[int, object] = {}
+        while len(replies) < len(ids):
+            rank = min(set(range(len(ids))) - replies.keys())
+            try:
+                replies[rank] = self.clients[rank].wait(ids[rank], WAIT_SLICE_S, abandon=False)
+                continue
+            except wire.TransportTimeout:
+                pass
+            except wire.RemoteError as e:
+                self._abandon(ids, replies.keys() | {rank})
+                raise remote_exception(e) from None
+            if not self._check_alive():
+                raise DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {self.lost}")
+            for other in range(rank + 1, len(ids)):
+                if other in replies:
+                    continue
+                try:
+                    replies[other] = self.clients[other].wait(ids[other], 0, abandon=False)
+                except wire.TransportTimeout:
+                    pass
+                except wire.RemoteError as e:
+                    self._abandon(ids, replies.keys() | {other})
+                    raise remote_exception(e) from None
+        return [replies[rank] for rank in range(len(ids))]
+
+    def _abandon(self, ids: list[int], answered):
+        """Stop waiting for the replies not yet read: each is dropped when it comes."""
+        for rank, msg_id in enumerate(ids):
+            if rank not in answered:
+                try:
+                    self.clients[rank].wait(msg_id, 0)
+                except (wire.TransportTimeout, wire.RemoteError):
+                    pass
 
     # --- transport ---------------------------------------------------------------------------
     def _send_all(self, msg_type: str, body):

@@ -8,8 +8,10 @@ recording of ``op_recording``. Used by tests/parallel and scripts/bench_scaling.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,9 +30,21 @@ CALL_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """Run in a worker before it starts: it is killed when the process that started it dies. A
+    test run killed mid-job (a CI timeout, Ctrl-C twice) left its workers serving on as orphans,
+    still running the ops queued for them (LocalJob's ``__exit__`` never ran; an agent's workers
+    are stopped by supervisord instead)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class LocalJob:
     def __init__(self, world_size: int, *, memory_cap: int = 1 << 40, threads: int = 1,
-                 collective_timeout_s: float = 60.0):
+                 collective_timeout_s: float = 60.0, out_of_step_s: float = 30.0):
         self.world_size = world_size
         self.secret = secrets.token_hex(8)
         self._dir = tempfile.TemporaryDirectory(prefix="moai-job-")
@@ -38,7 +52,8 @@ class LocalJob:
         self.specs = [WorkerSpec(job_id=1, gpu=rank, rank=rank, world_size=world_size,
                                  job_secret=self.secret, rendezvous=rendezvous,
                                  memory_cap=memory_cap, bind=f"tcp://127.0.0.1:{free_port()}",
-                                 threads=threads, collective_timeout_s=collective_timeout_s)
+                                 threads=threads, collective_timeout_s=collective_timeout_s,
+                                 out_of_step_s=out_of_step_s)
                       for rank in range(world_size)]
         self.procs: list[subprocess.Popen] = []
         self.clients: list[wire.Client] = []
@@ -57,7 +72,8 @@ class LocalJob:
                 log = open(workdir / f"worker-{spec.rank}.log", "wb")
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "daemons.worker.main", "--gpu", str(spec.gpu),
-                     "--spec", str(path)], env=env, cwd=REPO_ROOT, stdout=log, stderr=log))
+                     "--spec", str(path)], env=env, cwd=REPO_ROOT, stdout=log, stderr=log,
+                    preexec_fn=_die_with_parent))
                 log.close()
                 self.clients.append(wire.Client(spec.bind, self.secret, timeout_s=CALL_TIMEOUT_S,
                                                 max_message_bytes=wire.DATA_MAX_MESSAGE_BYTES))

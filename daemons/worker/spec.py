@@ -19,6 +19,7 @@ class WorkerSpec:
     device: str = "cpu"       # "cuda:<i>" on a GPU node
     threads: int = 1          # torch intra-op threads (CPU workers)
     collective_timeout_s: float = 300.0  # a peer silent this long in a collective fails the job
+    out_of_step_s: float = 30.0   # after an error, how long a rank waits for its peers to fail alike
 
     def save(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)

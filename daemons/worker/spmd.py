@@ -35,6 +35,7 @@ import functools
 import logging
 from collections import Counter
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,7 @@ from daemons import wire
 from daemons.worker import collectives, fused_attention, layout
 from daemons.worker.detached_views import DetachedViews
 from daemons.worker.executor import Executor, MemoryMeter
+from daemons.worker.group_faults import GroupBroken, GroupFaults
 from daemons.worker.placement import PlacementPolicy
 from daemons.worker.spec import WorkerSpec
 
@@ -108,6 +110,16 @@ def _no_derived_rules():
     decomposition itself, each part by its own rule."""
     if hasattr(DecompShardingStrategy, "has_decomp"):
         DecompShardingStrategy.has_decomp = staticmethod(lambda op: False)
+
+
+DTENSOR_REFUSALS = ("Sharding propagation failed", "as_strided not supported with DTensor")
+
+
+def _refused_by_rules(exc: Exception) -> bool:
+    """Whether DTensor refused an op on its metadata alone (no sharding rule, a rule's refusal,
+    ``as_strided`` that is not a view it can make): the same on every rank, unlike an error of
+    the kernel on this rank's piece."""
+    return isinstance(exc, NotImplementedError) or any(words in str(exc) for words in DTENSOR_REFUSALS)
 
 
 def _draws_random(op, args, kwargs) -> bool:
@@ -170,10 +182,6 @@ ATTENTION_MASKS = {fused_attention.KERNELS[fused_attention.FORWARD]: (0, 3),
                    fused_attention.KERNELS[fused_attention.BACKWARD]: (1, 4)}
 
 
-class GroupBroken(RuntimeError):
-    """A collective failed: a peer died or stopped answering; the job cannot go on."""
-
-
 class SpmdBackend:
     """The job's process group and mesh, and DTensor execution of its ops on this worker."""
 
@@ -183,10 +191,15 @@ class SpmdBackend:
         if on_gpu:
             torch.cuda.set_device(self.device)
         # The timeout bounds how long a worker waits in a collective for a peer that hangs; a
-        # peer that dies is noticed at once (its connections close).
-        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=spec.rendezvous,
-                                rank=spec.rank, world_size=spec.world_size,
-                                timeout=timedelta(seconds=spec.collective_timeout_s))
+        # peer that dies is noticed at once (its connections close). The store is the one
+        # ``init_method`` would make, kept: the ranks agree through it after an error.
+        timeout = timedelta(seconds=spec.collective_timeout_s)
+        rendezvous = urlsplit(spec.rendezvous)
+        store = dist.TCPStore(rendezvous.hostname, rendezvous.port, spec.world_size,
+                              is_master=spec.rank == 0, timeout=timeout)
+        dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=spec.rank,
+                                world_size=spec.world_size, timeout=timeout)
+        self.faults = GroupFaults(store, spec.rank, spec.world_size, spec.out_of_step_s)
         self.mesh = init_device_mesh(self.device.type, (spec.world_size,))
         collectives.install()
         _no_derived_rules()
@@ -196,7 +209,6 @@ class SpmdBackend:
         # Uploads by hint and the placement they got ("batch -> shard": 6): shows what a real
         # program's hints did (logged at exit, in memory_stats).
         self.placed: Counter[str] = Counter()
-        self.broken: str | None = None
         # Storages of the parameters uploaded replicated: re-placed if ZeRO-3 switches on.
         self._param_storages: set[int] = set()
         self.views = DetachedViews(self.mesh, self._slice, frozenset(OUT_OF_PLACE_VIEWS) | AS_STRIDED)
@@ -254,7 +266,7 @@ class SpmdBackend:
     # --- ops --------------------------------------------------------------------------------------
     def call(self, op, *args, **kwargs):
         """Run one aten op with the global semantics of one device (module docstring)."""
-        return self._guarded(self._call_in_step, op, args, kwargs)
+        return self._guarded(op, self._call_in_step, op, args, kwargs)
 
     def _call_in_step(self, op, args, kwargs):
         # The ops an op is made of (a decomposition's, the views' own upkeep) are its parts: only
@@ -292,7 +304,10 @@ class SpmdBackend:
             # No sharding rule, or one DTensor refuses without moving data first (a view across
             # the sharded dim): the op's decomposition, whose parts have rules, else whole
             # tensors. A genuine error of the op fails again on whole tensors, with the message
-            # one device would give.
+            # one device would give. The kernel's own error may be this rank's alone (its piece
+            # of the data): the fallback's collectives are joined only once every rank failed.
+            if not _refused_by_rules(exc):
+                self.faults.settle(exc, op.name())
             out = self._decomposed(op, args, kwargs)
             if out is None:
                 self.fallbacks[op.name()] += 1
@@ -325,7 +340,7 @@ class SpmdBackend:
         try:
             with StreamRules(self):
                 out = decomposition(*args, **kwargs)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, GroupBroken):
             raise
         except (NotImplementedError, RuntimeError) as exc:
             log.debug("%s's decomposition failed: %s", op.name(), exc)
@@ -333,28 +348,15 @@ class SpmdBackend:
         self.decomposed[op.name()] += 1
         return out
 
-    def _guarded(self, fn, *args):
-        """``fn(*args)``; a failure that leaves the group short of a worker breaks the job for good."""
-        if self.broken:
-            raise GroupBroken(self.broken)
+    def _guarded(self, what, fn, *args):
+        """``fn(*args)``; on an error, the ranks settle whether the job can go on (group_faults.py).
+        ``what`` (an op, or words) names it in the error."""
+        self.faults.check()
         try:
             return fn(*args)
         except Exception as exc:
-            # gloo reports a dead peer as a plain RuntimeError, like any op error: ask the group.
-            # Every rank hits an op's own error at the same record, so a barrier passes then.
-            if self._peers_alive():
-                raise
-            self.broken = f"a worker of the job is gone: a collective failed ({type(exc).__name__}: {exc})"
-            log.error("%s", self.broken)
-            raise GroupBroken(self.broken) from None
-
-    @staticmethod
-    def _peers_alive() -> bool:
-        try:
-            dist.barrier()
-            return True
-        except RuntimeError:
-            return False
+            self.faults.settle(exc, what if isinstance(what, str) else what.name())
+            raise
 
     def _reduce_partial(self, t):
         if isinstance(t, DTensor) and any(p.is_partial() for p in t.placements):
@@ -402,7 +404,7 @@ class SpmdBackend:
     # --- results ----------------------------------------------------------------------------------
     def full_tensor(self, t) -> torch.Tensor:
         """The whole value (a collective: every rank calls it at the same point of the stream)."""
-        return self._guarded(DTensor.full_tensor, t) if isinstance(t, DTensor) else t
+        return self._guarded("reading a tensor", DTensor.full_tensor, t) if isinstance(t, DTensor) else t
 
     def stats(self) -> dict:
         """Counters of what parallel execution cost so far: collective bytes, the ops run as their
