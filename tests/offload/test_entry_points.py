@@ -26,6 +26,7 @@ from daemons.loopback_ports import free_port
 from worker_fixture import REPO_ROOT, SECRET, clean_env, start_worker
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("activated")]
+MEMORY_PER_GPU = "the device's memory figures count a replicated tensor on each of its GPUs"
 
 
 def same(remote, local, **tol):
@@ -52,6 +53,7 @@ def batch(n=8, seed=1):
 
 
 # --- 1. autocast ---------------------------------------------------------------------------------
+@pytest.mark.one_gpu("a half-precision product over a split batch rounds on each GPU (PARALLELISM.md, Numerics)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_cuda_runs_matmuls_low_and_losses_in_float32(dtype):
     torch.manual_seed(0)
@@ -725,6 +727,7 @@ def test_accelerator_and_cuda_queries():
         torch.zeros(1, device="cuda:1")
 
 
+@pytest.mark.one_gpu(MEMORY_PER_GPU)
 def test_device_strings_default_device_and_memory_queries():
     import gc
 
@@ -760,6 +763,7 @@ def test_device_strings_default_device_and_memory_queries():
     assert total == torch.cuda.get_device_properties(0).total_memory and 0 < free <= total
 
 
+@pytest.mark.one_gpu(MEMORY_PER_GPU)
 def test_memory_summary_and_stats_in_the_allocators_layout():
     """``torch.cuda.memory_summary()`` (a common debugging print) and ``memory_stats()`` read the
     caching allocator's statistics; they come in its layout, with the workers' bytes in use."""
@@ -783,6 +787,7 @@ def test_memory_summary_and_stats_in_the_allocators_layout():
     del big
 
 
+@pytest.mark.one_gpu(MEMORY_PER_GPU)
 def test_memory_functions_answer_through_every_module_that_holds_them():
     """torch.accelerator.memory's own functions hit an internal assert (no device allocator for
     the virtual device) and its empty_host_cache a segmentation fault; torch.cuda.memory's (which
@@ -1534,6 +1539,7 @@ def test_the_workers_free_a_generator_with_the_programs_object(dev):
     g = torch.Generator("cuda").manual_seed(1)
     torch.rand(2, generator=g, device="cuda")
     torch.cuda.synchronize()
+    gc.collect()   # earlier tests' garbage is freed before the generator is watched
     freed = []
     original, worker.release_id = worker.release_id, freed.append
     try:
@@ -1721,6 +1727,7 @@ def test_profiling_with_cuda_activity_records_the_cpu_side_quietly(capfd):
     assert "CUDA used in profiler but not enabled" not in capfd.readouterr().err
 
 
+@pytest.mark.one_gpu("a snapshot has a trace list and segments per GPU")
 def test_memory_snapshots_show_the_device_s_live_allocations(tmp_path):
     """``torch.cuda.memory._snapshot()`` / ``_dump_snapshot`` (for pytorch.org/memory_viz) and
     ``memory_snapshot()``: the workers' live allocations in CUDA's layout; recording a history
