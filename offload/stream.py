@@ -55,6 +55,8 @@ def remote_exception(e: wire.RemoteError) -> Exception:
     """The exception a CUDA program would see for a worker's error reply."""
     if e.code == "oom":
         return out_of_memory(e.message)
+    if e.code == "device_lost":
+        return DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {e.message}")
     return RuntimeError(f"CUDA error on the virtual device cuda:0 ({e.code}): {e.message}\n"
                         "Device errors are reported asynchronously: the op named above may not be "
                         "the one that the Python traceback points at. For debugging consider "
@@ -245,7 +247,7 @@ class Stream:
                 pass
             except wire.RemoteError as e:
                 self._abandon(ids, replies.keys() | {rank})
-                raise remote_exception(e) from None
+                raise self._failed(e) from None
             if not self._check_alive():
                 raise DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {self.lost}")
             for other in range(rank + 1, len(ids)):
@@ -257,8 +259,15 @@ class Stream:
                     pass
                 except wire.RemoteError as e:
                     self._abandon(ids, replies.keys() | {other})
-                    raise remote_exception(e) from None
+                    raise self._failed(e) from None
         return [replies[rank] for rank in range(len(ids))]
+
+    def _failed(self, e: wire.RemoteError) -> Exception:
+        """The exception of a worker's error reply. A lost device stays lost: every later call
+        raises at once, and nothing more is sent to workers that may no longer read."""
+        if e.code == "device_lost":
+            self.lost = e.message
+        return remote_exception(e)
 
     def _abandon(self, ids: list[int], answered):
         """Stop waiting for the replies not yet read: each is dropped when it comes."""
@@ -296,7 +305,7 @@ class Stream:
                     raise DeviceLostError(f"worker rank {rank} at {self.addresses[rank]} did not "
                                           f"answer {what!r} within {timeout_s:g} s") from None
             except wire.RemoteError as e:
-                raise remote_exception(e) from None
+                raise self._failed(e) from None
 
     def _still_alive(self) -> bool:
         """``_check_alive``, looking at the connections at most every ``SEND_LIVENESS_S``."""

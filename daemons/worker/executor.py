@@ -57,11 +57,20 @@ _EMPTY_OPS = ("aten::empty.memory_format", "aten::empty_strided")
 
 
 class OpError(Exception):
-    """A held stream failure: ``code`` is ``oom``, ``op_failed`` or ``missing_tensor``."""
+    """A held stream failure: ``code`` is ``oom``, ``op_failed``, ``missing_tensor`` or
+    ``device_lost`` (an exception with a ``wire_code`` of its own: a multi-worker job's broken
+    group)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+    @classmethod
+    def of(cls, e: Exception, what: str) -> "OpError":
+        """The held error of ``what`` (``"aten::mm (op #7)"``), which raised ``e``."""
+        if isinstance(e, torch.OutOfMemoryError) or _host_allocation_failed(e):
+            return cls("oom", f"{what} ran out of device memory: {e}")
+        return cls(getattr(e, "wire_code", "op_failed"), f"{what} failed: {type(e).__name__}: {e}")
 
 
 def runnable(name: str) -> bool:
@@ -308,12 +317,8 @@ class Executor:
             self._check_cap(name, seq, _allocation_bytes(name, args, kwargs))
         try:
             result = op(*args, **kwargs)
-        except torch.OutOfMemoryError as e:
-            raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: {e}") from None
         except Exception as e:
-            if _host_allocation_failed(e):
-                raise OpError("oom", f"{name} (op #{seq}) ran out of device memory: {e}") from None
-            raise OpError("op_failed", f"{name} (op #{seq}) failed: {type(e).__name__}: {e}") from None
+            raise OpError.of(e, f"{name} (op #{seq})") from None
         before = self.meter.allocated
         if type(out) is int and isinstance(result, torch.Tensor):  # most ops: one fresh tensor
             self._store(out, result)
@@ -363,7 +368,7 @@ class Executor:
         try:
             done = torch_settings.apply(*args)
         except Exception as e:
-            raise OpError("op_failed", f"setting (op #{seq}) failed: {type(e).__name__}: {e}") from None
+            raise OpError.of(e, f"setting (op #{seq})") from None
         log.info("the program set %s", done)
 
     def _grad_mode(self, seq, args, out):
@@ -384,10 +389,8 @@ class Executor:
         try:
             with self._autograd_ops():
                 torch.autograd.backward(loss, inputs=leaves)
-        except torch.OutOfMemoryError as e:
-            raise OpError("oom", f"backward (op #{seq}) ran out of device memory: {e}") from None
         except Exception as e:
-            raise OpError("op_failed", f"backward (op #{seq}) failed: {type(e).__name__}: {e}") from None
+            raise OpError.of(e, f"backward (op #{seq})") from None
         for leaf, grad_ref, tid in zip(leaves, grad_refs, out):
             grad, leaf.grad = leaf.grad, None
             if grad is None or grad._is_zerotensor():

@@ -13,7 +13,8 @@ own (it answers while that rank's main thread waits in a collective): a failing 
 in for its round and waits up to ``out_of_step_s`` for the others. If they all come, the error was
 the op's own and the job goes on. If not, the rank failed alone (or a peer is gone): it writes why
 into the store, holds that as its error for every later record, and answers the front at once,
-which raises the first error any rank answers (offload/stream.py). The peers stay in their
+which raises the first error any rank answers (offload/stream.py) and, this one being
+``device_lost``, sends nothing more: every later call raises it at once. The peers stay in their
 collective until the group's timeout (gloo cannot be woken: neither aborting nor destroying a
 group closes its connections while tensors still hold it) or until the job ends and their
 processes are stopped; whichever rank fails later finds the reason in the store and holds it too.
@@ -38,6 +39,8 @@ POLL_S = 0.002   # ranks failing alike arrive within about an op of each other
 
 class GroupBroken(RuntimeError):
     """The job's workers cannot go on together: a peer died, hung, or failed an op alone."""
+
+    wire_code = "device_lost"   # the error code of the held error (docs/PROTOCOL.md)
 
 
 class GroupFaults:

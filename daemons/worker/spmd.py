@@ -502,7 +502,7 @@ class SpmdExecutor(Executor):
         try:
             whole = self.backend.full_tensor(entry)
         except GroupBroken as exc:
-            raise wire.RequestError("op_failed", f"fetch of tensor #{msg.body['id']}: {exc}") from None
+            raise wire.RequestError(exc.wire_code, f"fetch of tensor #{msg.body['id']}: {exc}") from None
         return {"tensor": whole if self.spec.rank == 0 else None}
 
     def memory_stats(self, msg):

@@ -6,7 +6,8 @@ JSON line per step: what the program saw (the error's text, or a value) and how 
 2. An error in one worker's rows only (a class index out of range in the batch's last row, where
    CUDA fires a device-side assert): raised within seconds, naming the op and the error, though
    the other workers wait in a collective for the one that failed.
-3. The device afterwards: every op fails at once with that error, as CUDA's do after an assert.
+3. The device afterwards: lost, as CUDA's context is after an assert; every call raises that error
+   at once.
 
 argv: the secret, then the workers' addresses, rank 0 first.
 """

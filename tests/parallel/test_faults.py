@@ -24,8 +24,10 @@ def test_an_error_in_one_workers_rows_fails_the_job_in_seconds_with_its_cause(wo
     assert steps["after_bad_class_everywhere"]["value"] == sum(range(40)), steps["after_bad_class_everywhere"]
 
     bad = steps["bad_class_in_last_row"]
+    assert bad["error"].startswith("DeviceLostError: CUDA error: the virtual device cuda:0 was lost"), bad
     assert "out of bounds" in bad["error"] and "out of step" in bad["error"], bad
     assert f"rank {world_size - 1}" in bad["error"], bad      # the last row lives on the last rank
     assert bad["seconds"] < OUT_OF_STEP_S + 15, bad
+    # Lost for good, raised by the front itself: nothing is sent to workers stuck in a collective.
     after = steps["after_bad_class"]
-    assert "out of step" in after["error"] and after["seconds"] < 5, after
+    assert after["error"] == bad["error"] and after["seconds"] < 0.5, after
