@@ -231,35 +231,33 @@ class Stream:
             ids = [self._send(rank, msg_type, body) for rank in range(len(self.clients))]
             if len(ids) == 1:
                 return [self.wait(0, ids[0], msg_type)]
-            return self._replies(ids, msg_type)
+            return self._replies(ids)
 
-    def _replies(self, ids: list[int], what: str) -> list:
+    def _replies(self, ids: list[int]) -> list:
         """Every rank's reply, waited for in rank order; an error from any rank is raised as soon
         as it comes. A rank that failed an op alone answers while the others still wait for it
         in a collective (daemons/worker/group_faults.py): its error is the one to raise."""
         replies: dict[int, object] = {}
-        while len(replies) < len(ids):
-            rank = min(set(range(len(ids))) - replies.keys())
+
+        def take(rank: int, timeout_s: float):
             try:
-                replies[rank] = self.clients[rank].wait(ids[rank], WAIT_SLICE_S, abandon=False)
-                continue
+                replies[rank] = self.clients[rank].wait(ids[rank], timeout_s, abandon=False)
             except wire.TransportTimeout:
                 pass
             except wire.RemoteError as e:
                 self._abandon(ids, replies.keys() | {rank})
                 raise self._failed(e) from None
+
+        while len(replies) < len(ids):
+            rank = min(set(range(len(ids))) - replies.keys())
+            take(rank, WAIT_SLICE_S)
+            if rank in replies:
+                continue
             if not self._check_alive():
                 raise DeviceLostError(f"CUDA error: the virtual device cuda:0 was lost: {self.lost}")
             for other in range(rank + 1, len(ids)):
-                if other in replies:
-                    continue
-                try:
-                    replies[other] = self.clients[other].wait(ids[other], 0, abandon=False)
-                except wire.TransportTimeout:
-                    pass
-                except wire.RemoteError as e:
-                    self._abandon(ids, replies.keys() | {other})
-                    raise self._failed(e) from None
+                if other not in replies:
+                    take(other, 0)
         return [replies[rank] for rank in range(len(ids))]
 
     def _failed(self, e: wire.RemoteError) -> Exception:
