@@ -126,14 +126,14 @@ HALF_CONTRACTIONS = {
 }
 
 
-def _any_half(args) -> bool:
-    return any(isinstance(a, DTensor) and a.dtype in HALF_DTYPES for a in args)
+def _is_half(t) -> bool:
+    return isinstance(t, DTensor) and t.dtype in HALF_DTYPES
 
 
 def _contracts_split_halves(args, matrices) -> bool:
     """Whether a product multiplies half-precision matrices one of which is split along the dim
     it contracts: each worker then holds a partial sum."""
-    if not all(isinstance(args[i], DTensor) and args[i].dtype in HALF_DTYPES for i, _ in matrices):
+    if not all(_is_half(args[i]) for i, _ in matrices):
         return False
     return any(args[i].placements[0] == Shard(dim) for i, dim in matrices)
 
@@ -145,8 +145,7 @@ def _sums_split_half(args, kwargs) -> bool:
     """Whether a sum adds a half-precision tensor's values across the workers it is split over:
     one device sums them in float32 and rounds once (the gradient of a bias, over the batch)."""
     t = args[0]
-    if not (isinstance(t, DTensor) and t.dtype in HALF_DTYPES and kwargs.get("dtype") is None
-            and t.placements[0].is_shard()):
+    if not (_is_half(t) and kwargs.get("dtype") is None and t.placements[0].is_shard()):
         return False
     dims = args[1] if len(args) > 1 else kwargs.get("dim")
     return not dims or t.placements[0].dim in [d % t.ndim for d in dims]
@@ -253,7 +252,6 @@ class SpmdBackend:
         self._param_storages: set[int] = set()
         self.views = DetachedViews(self.mesh, self._slice, frozenset(OUT_OF_PLACE_VIEWS) | AS_STRIDED)
         self._nested = False
-        self._in_kernel = False
 
     # --- uploads ----------------------------------------------------------------------------------
     def place(self, tid: int, tensor: torch.Tensor, kind: str | None) -> tuple[DTensor, bool]:
@@ -337,16 +335,12 @@ class SpmdBackend:
             out = self._decomposed(op, args, kwargs)
             if out is not None:
                 return tree_map(self._reduce_partial, out)
-        if op in LINEAR_KERNELS and not self._in_kernel and _any_half(args):
+        if op in LINEAR_KERNELS and any(map(_is_half, args)):
             # Its products and sums take these rules one by one: a half-precision weight
             # gradient sums over the split batch (HALF_CONTRACTIONS). Not in float32, where
             # that costs a dispatch per part (a 2-GPU fp32 step took 15-20% longer).
-            self._in_kernel = True
-            try:
-                with StreamRules(self):
-                    return tree_map(self._reduce_partial, op(*args, **kwargs))
-            finally:
-                self._in_kernel = False
+            with StreamRules(self):
+                return tree_map(self._reduce_partial, op(*args, **kwargs))
         contraction = HALF_CONTRACTIONS.get(op.op if isinstance(op, Kernel) else op)
         if contraction is not None and _contracts_split_halves(args, contraction):
             return self._contracted_in_float32(op, args, kwargs)
